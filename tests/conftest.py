@@ -1,0 +1,26 @@
+"""Shared test settings: quiet TensorFlow, fresh Keras state, restored globals."""
+
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import keras  # noqa: E402
+import pytest  # noqa: E402
+
+DATA_DIR = os.path.join(os.path.dirname(__file__), "data")
+DATA_FORMATS = ("channels_first", "channels_last")
+
+
+@pytest.fixture(autouse=True)
+def _fresh_keras_state():
+    """Clears the Keras session and restores the global image data format."""
+    data_format = keras.config.image_data_format()
+    keras.utils.clear_session()
+    yield
+    keras.config.set_image_data_format(data_format)
+
+
+@pytest.fixture(params=DATA_FORMATS)
+def data_format(request):
+    """Runs a test once per layout."""
+    return request.param
