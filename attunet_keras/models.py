@@ -7,6 +7,7 @@ from attunet_keras import _validation
 from attunet_keras import blocks
 
 DROPOUT_RATE = 0.2
+OUTPUT_ACTIVATIONS = ("sigmoid", "softmax", None)
 
 
 def att_unet(
@@ -18,6 +19,7 @@ def att_unet(
     data_format="channels_first",
     *,
     in_channels=3,
+    output_activation="sigmoid",
     name="att_unet",
 ):
     """Builds the Attention U-Net of the reference Keras port.
@@ -42,6 +44,9 @@ def att_unet(
             `"channels_last"`; `None` means `keras.config.image_data_format()`.
             Defaults to `"channels_first"`.
         in_channels: int. Channels of the input image. Defaults to 3.
+        output_activation: str or None. `"sigmoid"` (the reference: independent
+            per-channel probabilities), `"softmax"` (over the `n_label` channels, for
+            multi-class segmentation) or `None` (logits). Defaults to `"sigmoid"`.
         name: str. Name of the model. Defaults to `"att_unet"`.
 
     Returns:
@@ -67,6 +72,16 @@ def att_unet(
             f"gets inter_channel = (2 * features) // 4 = {(2 * features) // 4}; "
             "features must be >= 2."
         )
+    if output_activation not in OUTPUT_ACTIVATIONS:
+        raise ValueError(
+            f"output_activation={output_activation!r} is not supported; expected one "
+            f"of {OUTPUT_ACTIVATIONS}."
+        )
+    if output_activation == "softmax" and n_label < 2:
+        raise ValueError(
+            "output_activation='softmax' needs n_label >= 2 classes (background "
+            f"included); received n_label={n_label}. Use 'sigmoid' for one channel."
+        )
     if not isinstance(name, str) or not name:
         raise ValueError(f"name={name!r} is not allowed; expected a non-empty string.")
 
@@ -89,10 +104,14 @@ def att_unet(
         )
         x = _conv_block(x, features * 2 ** (level - 1), data_format, f"dec{level}")
 
-    x = layers.Conv2D(
+    outputs = layers.Conv2D(
         n_label, 1, padding="same", data_format=data_format, name="head_conv"
     )(x)
-    outputs = layers.Activation("sigmoid", name="head_sigmoid")(x)
+    if output_activation == "softmax":
+        channel_axis = _validation.channel_axis_for(data_format)
+        outputs = layers.Softmax(axis=channel_axis, name="head_softmax")(outputs)
+    elif output_activation == "sigmoid":
+        outputs = layers.Activation("sigmoid", name="head_sigmoid")(outputs)
     return keras.Model(inputs, outputs, name=name)
 
 

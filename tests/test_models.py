@@ -196,3 +196,33 @@ def test_bad_arguments_raise_before_any_layer_is_built(monkeypatch, kwargs, matc
     arguments.update(kwargs)
     with pytest.raises(ValueError, match=match):
         models.att_unet(**arguments)
+
+
+def test_softmax_output_sums_to_one_over_the_channel_axis(data_format):
+    model = models.att_unet(32, 32, 3, depth=2, features=4, data_format=data_format,
+                            output_activation="softmax")
+    out = model.predict(image_batch(2, 3, 32, 32, data_format), verbose=0)
+    channel_axis = 1 if data_format == "channels_first" else -1
+    np.testing.assert_allclose(out.sum(axis=channel_axis), 1.0, atol=1e-5)
+    assert model.layers[-1].name == "head_softmax"
+
+
+def test_no_output_activation_gives_logits():
+    model = models.att_unet(32, 32, 2, depth=2, features=4, output_activation=None)
+    assert model.layers[-1].name == "head_conv"
+    # Same parameters as the sigmoid model: the activation has none.
+    assert model.count_params() == models.att_unet(
+        32, 32, 2, depth=2, features=4).count_params()
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(output_activation="relu"), r"output_activation='relu' is not supported"),
+        (dict(output_activation="softmax"), r"output_activation='softmax' needs "
+                                            r"n_label >= 2"),
+    ],
+)
+def test_bad_output_activation(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        models.att_unet(32, 32, 1, depth=2, features=4, **kwargs)
