@@ -1,0 +1,130 @@
+"""Dice and IoU over a whole dataset, for binary masks and for classes.
+
+Both accumulate true positives, false positives and false negatives per class over
+every batch they see, and compute the score from those totals (not an average of
+per-batch scores). Predictions are hard: `y_pred > threshold` for one channel
+(binary), `argmax` over the channels for several (classes, background included).
+"""
+
+import keras
+from keras import ops
+
+from attunet_keras import _validation
+
+
+class _OverlapMetric(keras.metrics.Metric):
+    def __init__(self, n_label=1, class_id=None, threshold=0.5, data_format=None,
+                 name=None, dtype=None):
+        super().__init__(name=name, dtype=dtype)
+        _validation.check_int("n_label", n_label, 1)
+        if class_id is not None and not (
+            _validation.is_int(class_id) and 0 <= class_id < max(n_label, 2)
+        ):
+            raise ValueError(
+                f"class_id={class_id!r} is not allowed; expected None or an integer in "
+                f"0..{max(n_label, 2) - 1}."
+            )
+        self.n_label = n_label
+        self.class_id = class_id
+        self.threshold = threshold
+        self.data_format = _validation.resolve_data_format(data_format)
+        n_classes = max(n_label, 2)
+        self.true_positives = self.add_variable((n_classes,), "zeros", name="tp")
+        self.false_positives = self.add_variable((n_classes,), "zeros", name="fp")
+        self.false_negatives = self.add_variable((n_classes,), "zeros", name="fn")
+
+    def update_state(self, y_true, y_pred, sample_weight=None):
+        channel_axis = _validation.channel_axis_for(self.data_format)
+        n_classes = max(self.n_label, 2)
+        if self.n_label == 1:
+            true_labels = ops.cast(ops.squeeze(y_true, channel_axis) > 0.5, "int32")
+            pred_labels = ops.cast(ops.squeeze(y_pred, channel_axis) > self.threshold,
+                                   "int32")
+        else:
+            true_labels = ops.argmax(y_true, axis=channel_axis)
+            pred_labels = ops.argmax(y_pred, axis=channel_axis)
+        true_one_hot = ops.one_hot(ops.reshape(true_labels, (-1,)), n_classes)
+        pred_one_hot = ops.one_hot(ops.reshape(pred_labels, (-1,)), n_classes)
+        tp = ops.sum(true_one_hot * pred_one_hot, axis=0)
+        self.true_positives.assign_add(tp)
+        self.false_positives.assign_add(ops.sum(pred_one_hot, axis=0) - tp)
+        self.false_negatives.assign_add(ops.sum(true_one_hot, axis=0) - tp)
+
+    def per_class(self):
+        """The score of every class (class 0 is background), as a tensor."""
+        raise NotImplementedError
+
+    def result(self):
+        scores = self.per_class()
+        if self.class_id is not None:
+            return scores[self.class_id]
+        if self.n_label == 1:
+            return scores[1]
+        return ops.mean(scores[1:])
+
+    def reset_state(self):
+        for variable in (self.true_positives, self.false_positives, self.false_negatives):
+            variable.assign(ops.zeros_like(variable))
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(n_label=self.n_label, class_id=self.class_id,
+                      threshold=self.threshold, data_format=self.data_format)
+        return config
+
+
+def _ratio(numerator, denominator):
+    """numerator / denominator, with 0 / 0 = 1 (both masks empty agree perfectly)."""
+    return ops.where(denominator > 0, numerator / ops.maximum(denominator, 1e-12), 1.0)
+
+
+@keras.saving.register_keras_serializable(package="attunet_keras")
+class Dice(_OverlapMetric):
+    """Dice coefficient `2 TP / (2 TP + FP + FN)` over all batches seen.
+
+    Args:
+        n_label: int. Output channels of the model: 1 for a binary mask, else classes.
+        class_id: int or None. Report one class (0 is background); `None` reports the
+            foreground for binary masks and the mean over classes 1.. otherwise.
+        threshold: float. Binary decision threshold. Defaults to 0.5.
+        data_format: str or None. Layout of the maps.
+        name: str. Defaults to `"dice"`.
+    """
+
+    def __init__(self, n_label=1, class_id=None, threshold=0.5, data_format=None,
+                 name="dice", dtype=None):
+        super().__init__(n_label, class_id, threshold, data_format, name, dtype)
+
+    def per_class(self):
+        tp, fp, fn = self.true_positives, self.false_positives, self.false_negatives
+        return _ratio(2.0 * tp, 2.0 * tp + fp + fn)
+
+
+@keras.saving.register_keras_serializable(package="attunet_keras")
+class IoU(_OverlapMetric):
+    """Intersection over union `TP / (TP + FP + FN)` over all batches seen.
+
+    Args: as `Dice`; `name` defaults to `"iou"`.
+    """
+
+    def __init__(self, n_label=1, class_id=None, threshold=0.5, data_format=None,
+                 name="iou", dtype=None):
+        super().__init__(n_label, class_id, threshold, data_format, name, dtype)
+
+    def per_class(self):
+        tp, fp, fn = self.true_positives, self.false_positives, self.false_negatives
+        return _ratio(tp, tp + fp + fn)
+
+
+def segmentation_metrics(n_label, class_names=None, data_format=None):
+    """Dice and IoU, plus per-class Dice and IoU when there are several classes."""
+    metrics = [Dice(n_label, data_format=data_format),
+               IoU(n_label, data_format=data_format)]
+    if n_label > 1:
+        names = class_names or [f"class_{c}" for c in range(n_label)]
+        for class_id in range(1, n_label):
+            metrics.append(Dice(n_label, class_id, data_format=data_format,
+                                name=f"dice_{names[class_id]}"))
+            metrics.append(IoU(n_label, class_id, data_format=data_format,
+                               name=f"iou_{names[class_id]}"))
+    return metrics
