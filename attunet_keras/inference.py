@@ -1,0 +1,245 @@
+"""Prediction on whole images, attention maps, and the PNGs that show them.
+
+A model trained on tiles runs on images of any size: `fully_convolutional` rebuilds it
+with free spatial sizes and the same weights, and `predict_probabilities` pads the
+image to a multiple of `2**depth`, predicts and crops back. `attention_model` exposes
+the coefficient map of every attention gate (the `*_gate_sigmoid` layers) as extra
+outputs.
+"""
+
+import os
+
+import numpy as np
+
+from attunet_keras import data as data_lib
+
+GATE_SUFFIX = "_gate_sigmoid"
+
+
+def model_data_format(model):
+    """The `data_format` of a model's convolutions."""
+    import keras
+
+    for layer in model.layers:
+        if isinstance(layer, keras.layers.Conv2D):
+            return layer.data_format
+    raise ValueError(f"model {model.name!r} has no Conv2D layer to read data_format from.")
+
+
+def pooling_levels(model):
+    """Number of 2x2 max-pooling levels: input sizes must be multiples of 2**levels."""
+    import keras
+
+    return sum(isinstance(layer, keras.layers.MaxPooling2D) for layer in model.layers)
+
+
+def fully_convolutional(model):
+    """The same functional model and weights with free spatial input sizes."""
+    import keras
+
+    config = model.get_config()
+    input_configs = [layer for layer in config["layers"]
+                     if layer["class_name"] == "InputLayer"]
+    if len(input_configs) != 1:
+        raise ValueError(f"model {model.name!r} must have exactly one input.")
+    shape = list(input_configs[0]["config"]["batch_shape"])
+    if model_data_format(model) == "channels_first":
+        shape[2:] = [None] * (len(shape) - 2)
+    else:
+        shape[1:-1] = [None] * (len(shape) - 2)
+    input_configs[0]["config"]["batch_shape"] = shape
+    rebuilt = keras.Model.from_config(config)
+    rebuilt.set_weights(model.get_weights())
+    return rebuilt
+
+
+def _with_free_sizes(model):
+    """`model` when its spatial sizes are free already, else `fully_convolutional(model)`."""
+    shape = tuple(model.inputs[0].shape)
+    spatial = shape[2:] if model_data_format(model) == "channels_first" else shape[1:-1]
+    return model if all(size is None for size in spatial) else fully_convolutional(model)
+
+
+def gate_layers(model):
+    """The attention gates' sigmoid layers (`*_gate_sigmoid`), deepest gate first."""
+    return [layer for layer in model.layers if layer.name.endswith(GATE_SUFFIX)]
+
+
+def attention_model(model):
+    """A model with outputs `[prediction, gate maps...]`, deepest gate first.
+
+    Each gate map is the sigmoid attention coefficient of one `attn_block_2d` (one
+    channel, on the grid of the skip connection it gates).
+    """
+    import keras
+
+    gates = gate_layers(model)
+    if not gates:
+        raise ValueError(
+            f"model {model.name!r} has no attention gate: no layer is named "
+            f"'*{GATE_SUFFIX}' (att_unet names them dec{{k}}{GATE_SUFFIX})."
+        )
+    return keras.Model(model.inputs, [model.outputs[0]] + [gate.output for gate in gates],
+                       name=f"{model.name}_attention")
+
+
+def _check_image(model, image):
+    channels = model.inputs[0].shape[1 if model_data_format(model) == "channels_first" else -1]
+    image = np.asarray(image)
+    if image.ndim == 2:
+        image = image[..., None]
+    if image.ndim != 3 or image.shape[-1] != channels:
+        raise ValueError(
+            f"the model takes images with {channels} channel(s); received an image of "
+            f"shape {image.shape}."
+        )
+    return image
+
+
+def _run(model, image, normalized):
+    """Pads, predicts with a fully convolutional copy, crops: outputs channels_last."""
+    image = _check_image(model, image)
+    if not normalized:
+        image = data_lib.normalize(image)
+    height, width = image.shape[:2]
+    padded, _ = data_lib.pad_to_multiple(image.astype("float32"), 2 ** pooling_levels(model))
+    batch = padded[None]
+    data_format = model_data_format(model)
+    if data_format == "channels_first":
+        batch = np.transpose(batch, (0, 3, 1, 2))
+    outputs = _with_free_sizes(model).predict(batch, verbose=0)
+    outputs = outputs if isinstance(outputs, (list, tuple)) else [outputs]
+    results = []
+    for output in outputs:
+        output = np.asarray(output)[0]
+        if data_format == "channels_first":
+            output = np.transpose(output, (1, 2, 0))
+        scale = padded.shape[0] // output.shape[0]
+        results.append(output[: -(-height // scale), : -(-width // scale)])
+    return results
+
+
+def predict_probabilities(model, image, *, normalized=False):
+    """Per-pixel probabilities (H, W, n_label) for one image (H, W) or (H, W, C).
+
+    Args:
+        model: keras.Model. A model from `att_unet` (any input size).
+        image: array. The image; percentile-normalised here unless `normalized`.
+        normalized: bool. The image is already in the model's input range.
+    """
+    return _run(model, image, normalized)[0]
+
+
+def labels_from_probabilities(probabilities, threshold=0.5):
+    """Integer labels (H, W): threshold for one channel, argmax for several."""
+    if probabilities.shape[-1] == 1:
+        return (probabilities[..., 0] > threshold).astype("uint8")
+    return probabilities.argmax(axis=-1).astype("uint8")
+
+
+def attention_maps(model, image, *, normalized=False):
+    """The prediction and every gate's coefficient map for one image.
+
+    Returns:
+        `(probabilities, {gate name: map (h, w)})`, gate maps on their own grids.
+    """
+    model = _with_free_sizes(model)
+    outputs = _run(attention_model(model), image, normalized)
+    gate_names = [layer.name[: -len(GATE_SUFFIX)] for layer in gate_layers(model)]
+    return outputs[0], {name: output[..., 0] for name, output in zip(gate_names, outputs[1:])}
+
+
+# ------------------------------------------------------------------------- images
+
+_CLASS_COLOURS = np.array(
+    [[0, 0, 0], [255, 60, 60], [60, 200, 255], [255, 210, 0], [120, 255, 120],
+     [200, 100, 255]], dtype="float32")
+
+
+def display_image(image):
+    """An (H, W, 3) uint8 view of a normalised image (channel mean when not RGB)."""
+    image = np.asarray(image, dtype="float32")
+    if image.ndim == 3 and image.shape[-1] != 3:
+        image = image.mean(axis=-1)
+    if image.ndim == 2:
+        image = np.repeat(image[..., None], 3, axis=-1)
+    low, high = float(image.min()), float(image.max())
+    scaled = (image - low) / max(high - low, 1e-6)
+    return (scaled * 255).astype("uint8")
+
+
+def overlay(image, labels, alpha=0.45):
+    """The image with every non-background class tinted and outlined in its colour."""
+    base = display_image(image).astype("float32")
+    labels = np.asarray(labels)
+    colours = _CLASS_COLOURS[labels % len(_CLASS_COLOURS)]
+    foreground = (labels > 0)[..., None]
+    tinted = np.where(foreground, (1 - alpha) * base + alpha * colours, base)
+    edges = np.zeros(labels.shape, dtype=bool)
+    edges[1:, :] |= labels[1:, :] != labels[:-1, :]
+    edges[:, 1:] |= labels[:, 1:] != labels[:, :-1]
+    edge_colours = _CLASS_COLOURS[np.maximum(labels, 1) % len(_CLASS_COLOURS)]
+    tinted[edges] = edge_colours[edges]
+    return tinted.astype("uint8")
+
+
+def mask_png(labels, n_label):
+    """A mask image: 0/255 for binary masks, the class index for classes."""
+    labels = np.asarray(labels, dtype="uint8")
+    return labels * 255 if n_label == 1 else labels
+
+
+def save_png(path, array):
+    from PIL import Image
+
+    Image.fromarray(np.asarray(array)).save(path)
+
+
+def attention_figure(path, image, probabilities, gate_maps, title=None):
+    """One figure: the image, the prediction and every gate's attention map."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    labels = labels_from_probabilities(probabilities)
+    panels = 2 + len(gate_maps)
+    height, width = labels.shape
+    panel_height = 5.0 if height > width else 3.2
+    panel_width = max(1.8, panel_height * width / height) + 0.9  # room for a colour bar
+    figure, axes = plt.subplots(1, panels, figsize=(panel_width * panels, panel_height + 0.9),
+                                squeeze=False)
+    axes = axes[0]
+    axes[0].imshow(display_image(image))
+    axes[0].set_title("image")
+    axes[1].imshow(overlay(image, labels))
+    axes[1].set_title("prediction")
+    for axis, (name, gate_map) in zip(axes[2:], gate_maps.items()):
+        shown = axis.imshow(gate_map, cmap="magma", vmin=0.0, vmax=1.0,
+                            extent=(0, width, height, 0), interpolation="nearest")
+        axis.set_title(f"{name} gate {gate_map.shape[0]}x{gate_map.shape[1]}\n"
+                       f"alpha in [{gate_map.min():.2f}, {gate_map.max():.2f}]")
+        figure.colorbar(shown, ax=axis, fraction=0.046, pad=0.04)
+    for axis in axes:
+        axis.set_xticks([])
+        axis.set_yticks([])
+    if title:
+        figure.suptitle(title)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
+def image_files(path):
+    """`path` itself when it is a file, else the images in the folder, sorted."""
+    if os.path.isfile(path):
+        return [path]
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"{path}: no such file or folder.")
+    files = [os.path.join(path, name) for name in sorted(os.listdir(path))
+             if os.path.splitext(name)[1].lower() in data_lib.IMAGE_EXTENSIONS]
+    if not files:
+        raise ValueError(
+            f"{path} holds no {', '.join(data_lib.IMAGE_EXTENSIONS)} images."
+        )
+    return files

@@ -1,0 +1,431 @@
+"""Training and evaluation runs: a run folder, Keras `fit`, and resumable state.
+
+A run lives in one output folder:
+
+- `config.json`: the settings (`TrainConfig`); a second start with the same settings
+  resumes, with other settings it is refused.
+- `best.keras`: the model with the best held-out Dice so far; `last.keras` at the end.
+- `log.csv` (one row per epoch) and `tensorboard/`.
+- `backup/`: the resumable state (`ResumableBackup`): weights, optimizer state and
+  progress, saved every `backup_every` steps and at every epoch end, and removed when
+  the run finishes. A run killed at any moment and started again with the same command
+  goes on from the last backup: weights, optimizer state and epoch counter are
+  restored, the log keeps each finished epoch once and the best checkpoint keeps its
+  best score. The steps of the interrupted epoch are run again from the backed-up
+  weights (at most `backup_every` steps of work are repeated on top of the epoch's
+  start), with a fresh draw of training tiles.
+- `result.json`: the final held-out scores, written when training finishes.
+"""
+
+import csv
+import dataclasses
+import json
+import math
+import os
+import shutil
+
+import keras
+import numpy as np
+
+from attunet_keras import _validation
+from attunet_keras import data as data_lib
+from attunet_keras import losses as losses_lib
+from attunet_keras import metrics as metrics_lib
+
+CONFIG_FILE = "config.json"
+RESULT_FILE = "result.json"
+BEST_MODEL = "best.keras"
+LAST_MODEL = "last.keras"
+LOG_FILE = "log.csv"
+BACKUP_DIR = "backup"
+MONITOR = "val_dice"
+_STATE = "state"
+_WEIGHTS = "latest.weights.h5"
+_PROGRESS = "progress.json"
+
+
+class ResumableBackup(keras.callbacks.Callback):
+    """Backs up weights, optimizer state and progress so a killed run can resume.
+
+    Like `keras.callbacks.BackupAndRestore`, but a backup survives a kill at any
+    instant: it is written whole into `backup_dir/staging` and then renamed to
+    `backup_dir/state` (the previous state is renamed aside first and removed last),
+    so there is always one complete state to resume from. Nothing is backed up once
+    the loss is NaN. Restore with `restore_backup`.
+
+    Args:
+        backup_dir: str. Folder of the backups.
+        save_freq: int. Steps between backups; a backup is also taken at the end of
+            every epoch.
+    """
+
+    def __init__(self, backup_dir, save_freq):
+        super().__init__()
+        self.backup_dir = backup_dir
+        self.save_freq = save_freq
+        self._epoch = 0
+        self._steps = 0
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch = epoch
+
+    def on_train_batch_end(self, batch, logs=None):
+        self._steps += 1
+        if self._steps % self.save_freq == 0 and _finite(logs):
+            self._save(epoch=self._epoch, step=batch + 1)
+
+    def on_epoch_end(self, epoch, logs=None):
+        if _finite(logs):
+            self._save(epoch=epoch + 1, step=0)
+
+    def _save(self, epoch, step):
+        staging = os.path.join(self.backup_dir, "staging")
+        state = os.path.join(self.backup_dir, _STATE)
+        retired = os.path.join(self.backup_dir, "retired")
+        shutil.rmtree(staging, ignore_errors=True)
+        os.makedirs(staging)
+        self.model.save_weights(os.path.join(staging, _WEIGHTS))
+        with open(os.path.join(staging, _PROGRESS), "w") as file:
+            json.dump({"epoch": epoch, "step": step}, file)
+        shutil.rmtree(retired, ignore_errors=True)
+        if os.path.isdir(state):
+            os.rename(state, retired)
+        os.rename(staging, state)
+        shutil.rmtree(retired, ignore_errors=True)
+
+
+def _finite(logs):
+    loss = (logs or {}).get("loss")
+    return loss is None or bool(np.isfinite(loss))
+
+
+def backup_progress(backup_dir):
+    """`{"epoch", "step"}` of the last complete backup, or None when there is none."""
+    for name in (_STATE, "retired"):  # "retired" only when killed between two renames
+        path = os.path.join(backup_dir, name, _PROGRESS)
+        if os.path.isfile(path) and os.path.isfile(
+                os.path.join(backup_dir, name, _WEIGHTS)):
+            with open(path) as file:
+                progress = json.load(file)
+            return dict(progress, folder=os.path.join(backup_dir, name))
+    return None
+
+
+def restore_backup(model, backup_dir):
+    """Loads the last backup into a compiled `model`; returns the epoch to resume at."""
+    progress = backup_progress(backup_dir)
+    if progress is None:
+        return 0
+    if not model.optimizer.built:
+        model.optimizer.build(model.trainable_variables)
+    model.load_weights(os.path.join(progress["folder"], _WEIGHTS))
+    return int(progress["epoch"])
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """The settings of a training run (every `attunet-keras train` option).
+
+    Args:
+        dataset: str. `"nuclei"`, `"brain"` or a folder with `images/` and `masks/`.
+        output: str. The run folder.
+        epochs: int. Epochs to train.
+        steps_per_epoch: int or None. Batches per epoch; `None` means one pass over the
+            training tiles.
+        batch_size: int. Batch size.
+        learning_rate: float. Adam's learning rate.
+        loss: str. One of `attunet_keras.losses.LOSSES`.
+        seed: int. Seed of weights, shuffling and augmentation.
+        depth: int. `att_unet` depth.
+        features: int. `att_unet` base features.
+        tile: int. Tile side for `nuclei` and folder datasets (the model's input size).
+        data_format: str. Layout of the model and the batches.
+        n_label: int or None. Classes of a folder dataset (1: binary).
+        backup_every: int. Steps between `BackupAndRestore` backups.
+    """
+
+    dataset: str = "nuclei"
+    output: str = "runs/nuclei"
+    epochs: int = 30
+    steps_per_epoch: int = None
+    batch_size: int = 8
+    learning_rate: float = 2e-3
+    loss: str = "bce_dice"
+    seed: int = 0
+    depth: int = 4
+    features: int = 16
+    tile: int = 128
+    data_format: str = "channels_last"
+    n_label: int = None
+    backup_every: int = 5
+
+    def validate(self):
+        """Checks every setting; raises one ValueError naming the first bad one."""
+        for name in ("epochs", "batch_size", "depth", "features", "tile", "backup_every"):
+            _validation.check_int(name, getattr(self, name), 1)
+        _validation.check_int("seed", self.seed, 0)
+        if self.steps_per_epoch is not None:
+            _validation.check_int("steps_per_epoch", self.steps_per_epoch, 1)
+        if self.n_label is not None:
+            _validation.check_int("n_label", self.n_label, 1)
+        if not (isinstance(self.learning_rate, (int, float)) and self.learning_rate > 0
+                and math.isfinite(self.learning_rate)):
+            raise ValueError(
+                f"learning_rate={self.learning_rate!r} is not allowed; expected a "
+                "positive number."
+            )
+        if self.loss not in losses_lib.LOSSES:
+            raise ValueError(
+                f"loss={self.loss!r} is not supported; expected one of "
+                f"{losses_lib.LOSSES}."
+            )
+        _validation.resolve_data_format(self.data_format)
+        if self.tile % 2**self.depth:
+            raise ValueError(
+                f"tile={self.tile} must be divisible by 2**depth={2**self.depth}."
+            )
+        if self.dataset not in data_lib.BUILTIN and not os.path.isdir(self.dataset):
+            raise ValueError(
+                f"dataset={self.dataset!r} is neither a built-in dataset "
+                f"{data_lib.BUILTIN} nor an existing folder with images/ and masks/."
+            )
+        if self.dataset not in data_lib.BUILTIN and self.n_label is None:
+            raise ValueError(
+                f"dataset={self.dataset!r} is a folder; give n_label (1 for binary "
+                "masks, else the number of classes with background)."
+            )
+        if self.dataset in data_lib.BUILTIN and self.n_label is not None:
+            raise ValueError(
+                f"n_label is fixed by the built-in dataset {self.dataset!r}; leave it out."
+            )
+
+    def to_json(self):
+        values = dataclasses.asdict(self)
+        values["output"] = os.path.abspath(self.output)
+        if self.dataset not in data_lib.BUILTIN:
+            values["dataset"] = os.path.abspath(self.dataset)
+        return values
+
+
+def load_data(config):
+    """The dataset of a run, split as in training."""
+    if config.dataset == "nuclei":
+        return data_lib.nuclei(tile=config.tile)
+    if config.dataset == "brain":
+        return data_lib.brain()
+    return data_lib.folder(config.dataset, config.n_label, tile=config.tile,
+                           seed=config.seed)
+
+
+def build_model(config, dataset):
+    """The `att_unet` of a run, compiled with its loss, Adam and Dice/IoU metrics."""
+    from attunet_keras import models
+
+    height, width = dataset.tile_shape
+    model = models.att_unet(
+        height, width, dataset.n_label, depth=config.depth, features=config.features,
+        data_format=config.data_format, in_channels=dataset.in_channels,
+        output_activation="sigmoid" if dataset.n_label == 1 else "softmax",
+    )
+    model.compile(
+        optimizer=keras.optimizers.Adam(config.learning_rate),
+        loss=losses_lib.get(config.loss, dataset.n_label, config.data_format),
+        metrics=metrics_lib.segmentation_metrics(
+            dataset.n_label, dataset.class_names, config.data_format),
+    )
+    return model
+
+
+def train(config, *, overwrite=False, verbose="auto"):
+    """Trains (or resumes) the run described by `config`; returns its result dict.
+
+    Raises:
+        ValueError: a bad setting, or an output folder holding a different or a
+            finished run (pass `overwrite=True` to start it again from scratch).
+        RuntimeError: the loss became NaN (training stops at once).
+    """
+    config.validate()
+    output = os.path.abspath(config.output)
+    resuming = _prepare_output(config, output, overwrite)
+    dataset = load_data(config)
+    if config.batch_size > len(dataset.train):
+        raise ValueError(
+            f"batch_size={config.batch_size} is larger than the {len(dataset.train)} "
+            "training tiles."
+        )
+    steps = config.steps_per_epoch or math.ceil(len(dataset.train) / config.batch_size)
+
+    keras.utils.set_random_seed(config.seed)
+    model = build_model(config, dataset)
+    train_data = data_lib.make_dataset(
+        dataset.train, dataset.n_label, config.batch_size, training=True,
+        data_format=config.data_format, seed=config.seed)
+    val_data = data_lib.make_dataset(
+        dataset.val, dataset.n_label, config.batch_size, training=False,
+        data_format=config.data_format)
+
+    backup_dir = os.path.join(output, BACKUP_DIR)
+    resumed_epoch = restore_backup(model, backup_dir) if resuming else 0
+    best_so_far = _trim_log(os.path.join(output, LOG_FILE), resumed_epoch)
+    callbacks = [
+        keras.callbacks.TerminateOnNaN(),
+        keras.callbacks.CSVLogger(os.path.join(output, LOG_FILE), append=True),
+        keras.callbacks.ModelCheckpoint(
+            os.path.join(output, BEST_MODEL), monitor=MONITOR, mode="max",
+            save_best_only=True, initial_value_threshold=best_so_far,
+        ),
+        keras.callbacks.TensorBoard(os.path.join(output, "tensorboard")),
+        # Last, so an epoch's log row and checkpoint exist before its backup does.
+        ResumableBackup(backup_dir, save_freq=config.backup_every),
+    ]
+    print(f"Dataset {dataset.name}: {len(dataset.train)} training tiles, "
+          f"{len(dataset.val)} held-out tiles of {dataset.tile_shape}, "
+          f"n_label={dataset.n_label} ({dataset.source})")
+    print(f"Model att_unet depth={config.depth} features={config.features}: "
+          f"{model.count_params():,} parameters; {steps} steps per epoch")
+    if resuming:
+        print(f"Resuming {output} from its backup at epoch {resumed_epoch + 1}")
+
+    history = model.fit(
+        train_data, epochs=config.epochs, initial_epoch=resumed_epoch,
+        steps_per_epoch=steps, validation_data=val_data, callbacks=callbacks,
+        verbose=verbose, shuffle=False,
+    )
+    losses = history.history.get("loss", [])
+    if losses and not np.isfinite(losses[-1]):
+        raise RuntimeError(
+            f"training stopped: the loss became NaN in epoch {len(losses) + resumed_epoch}"
+            f"; lower --learning-rate (was {config.learning_rate}). Nothing is saved "
+            f"beyond the last good checkpoint {os.path.join(output, BEST_MODEL)}."
+        )
+    model.save(os.path.join(output, LAST_MODEL))
+    result = evaluate_run(output, dataset=dataset)
+    _write_json(os.path.join(output, RESULT_FILE), result)
+    shutil.rmtree(backup_dir, ignore_errors=True)
+    return result
+
+
+def _prepare_output(config, output, overwrite):
+    """Creates the run folder; True when an interrupted run of `config` is resumed."""
+    config_path = os.path.join(output, CONFIG_FILE)
+    if overwrite and os.path.isdir(output):
+        shutil.rmtree(output)
+    if os.path.exists(output) and not os.path.isdir(output):
+        raise ValueError(f"output {output} exists and is not a folder.")
+    if os.path.isdir(output) and os.listdir(output):
+        if not os.path.isfile(config_path):
+            raise ValueError(
+                f"output {output} is a non-empty folder without a run's {CONFIG_FILE}; "
+                "choose an empty or new folder."
+            )
+        with open(config_path) as file:
+            previous = json.load(file)
+        current = config.to_json()
+        differences = [
+            f"{key}: {previous.get(key)!r} -> {current[key]!r}"
+            for key in current if previous.get(key) != current[key]
+        ]
+        if differences:
+            raise ValueError(
+                f"output {output} holds a run with other settings "
+                f"({'; '.join(differences)}); use another --output, the same "
+                "settings to resume it, or --overwrite to start again."
+            )
+        if os.path.isfile(os.path.join(output, RESULT_FILE)):
+            raise ValueError(
+                f"output {output} holds a finished run; use another --output, or "
+                "--overwrite to train it again."
+            )
+        return backup_progress(os.path.join(output, BACKUP_DIR)) is not None
+    os.makedirs(output, exist_ok=True)
+    _write_json(config_path, config.to_json())
+    return False
+
+
+def _trim_log(log_path, first_epoch):
+    """Drops log rows of epochs that will run again; returns the best MONITOR kept."""
+    if not os.path.isfile(log_path):
+        return None
+    with open(log_path, newline="") as file:
+        rows = list(csv.DictReader(file))
+        fields = list(rows[0].keys()) if rows else None
+    kept = [row for row in rows if int(row["epoch"]) < first_epoch]
+    if fields is None:
+        return None
+    with open(log_path, "w", newline="") as file:
+        writer = csv.DictWriter(file, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(kept)
+    scores = [float(row[MONITOR]) for row in kept if row.get(MONITOR)]
+    return max(scores) if scores else None
+
+
+def _write_json(path, values):
+    temporary = f"{path}.tmp"
+    with open(temporary, "w") as file:
+        json.dump(values, file, indent=2)
+        file.write("\n")
+    os.replace(temporary, path)
+
+
+def read_config(run_dir):
+    """The `TrainConfig` saved in a run folder."""
+    path = os.path.join(run_dir, CONFIG_FILE)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"{run_dir} is not a training run: it has no {CONFIG_FILE}."
+        )
+    with open(path) as file:
+        return TrainConfig(**json.load(file))
+
+
+def load_run_model(run_dir):
+    """The best checkpoint of a run (the last model when no checkpoint was kept)."""
+    for name in (BEST_MODEL, LAST_MODEL):
+        path = os.path.join(run_dir, name)
+        if os.path.isfile(path):
+            return keras.saving.load_model(path, safe_mode=True)
+    raise FileNotFoundError(f"{run_dir} holds no {BEST_MODEL} or {LAST_MODEL} yet.")
+
+
+def evaluate_run(run_dir, *, dataset=None, model=None):
+    """Held-out Dice and IoU of a run's best model, next to an Otsu baseline.
+
+    The baseline thresholds the held-out tiles' intensities (their channel mean) with
+    Otsu's method (scikit-image): one threshold for binary masks, `n_label - 1`
+    thresholds (multi-Otsu) for classes, the classes ordered by intensity.
+    """
+    config = read_config(run_dir)
+    dataset = dataset or load_data(config)
+    model = model or load_run_model(run_dir)
+    val_data = data_lib.make_dataset(
+        dataset.val, dataset.n_label, config.batch_size, training=False,
+        data_format=config.data_format)
+    metrics = metrics_lib.segmentation_metrics(
+        dataset.n_label, dataset.class_names, config.data_format)
+    for images, targets in val_data:
+        predictions = model(images, training=False)
+        for metric in metrics:
+            metric.update_state(targets, predictions)
+    scores = {metric.name: float(metric.result()) for metric in metrics}
+    baseline = otsu_scores(dataset.val, dataset.n_label, dataset.class_names)
+    return {"dataset": dataset.name, "held_out_tiles": len(dataset.val),
+            "model": scores, "otsu": baseline}
+
+
+def otsu_scores(split, n_label, class_names):
+    """Dice and IoU of an Otsu threshold of the tiles' intensities, as the metrics."""
+    from skimage import filters
+
+    intensity = split.images.mean(axis=-1)
+    if n_label == 1:
+        predicted = (intensity > filters.threshold_otsu(intensity)).astype("int64")
+    else:
+        thresholds = filters.threshold_multiotsu(intensity, classes=n_label)
+        predicted = np.digitize(intensity, thresholds)
+    scores = {}
+    for metric in metrics_lib.segmentation_metrics(n_label, class_names, "channels_last"):
+        metric.update_state(data_lib.targets(split.masks, n_label),
+                            data_lib.targets(predicted, n_label))
+        scores[metric.name] = float(metric.result())
+    return scores

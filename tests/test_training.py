@@ -1,0 +1,187 @@
+"""Tests of attunet_keras.training: learning on real data, run folders, resuming."""
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import keras
+import numpy as np
+import pytest
+
+from attunet_keras import data
+from attunet_keras import training
+
+
+def _tiny_config(tmp_path, **changes):
+    values = dict(dataset="nuclei", output=str(tmp_path / "run"), epochs=2,
+                  steps_per_epoch=3, batch_size=4, learning_rate=1e-2, depth=2,
+                  features=4, tile=64, seed=0, backup_every=1)
+    values.update(changes)
+    return training.TrainConfig(**values)
+
+
+def _loss_before_and_after(config, dataset, steps):
+    """Loss on a fixed training batch before and after `steps` steps of fit."""
+    keras.utils.set_random_seed(config.seed)
+    model = training.build_model(config, dataset)
+    fixed = data.Split(dataset.train.images[:8], dataset.train.masks[:8])
+    images, targets = next(iter(data.make_dataset(fixed, dataset.n_label, 8,
+                                                  training=False)))
+    before = float(model.evaluate(images, targets, verbose=0, return_dict=True)["loss"])
+    model.fit(data.make_dataset(dataset.train, dataset.n_label, config.batch_size,
+                                training=True, seed=config.seed),
+              steps_per_epoch=steps, epochs=1, verbose=0, shuffle=False)
+    after = float(model.evaluate(images, targets, verbose=0, return_dict=True)["loss"])
+    return before, after
+
+
+def test_loss_goes_down_on_nuclei(tmp_path):
+    config = _tiny_config(tmp_path, features=8)
+    before, after = _loss_before_and_after(config, data.nuclei(tile=64), steps=15)
+    assert after < 0.9 * before
+
+
+def test_loss_goes_down_on_brain(tmp_path):
+    config = _tiny_config(tmp_path, dataset="brain", features=8)
+    dataset = data.brain(scale=4)  # 48x64 slices keep the test short
+    before, after = _loss_before_and_after(config, dataset, steps=15)
+    assert after < 0.9 * before
+
+
+def test_train_writes_a_complete_run_folder(tmp_path):
+    config = _tiny_config(tmp_path)
+    result = training.train(config, verbose=0)
+
+    run = tmp_path / "run"
+    assert {"config.json", "best.keras", "last.keras", "log.csv", "result.json",
+            "tensorboard"} <= set(os.listdir(run))
+    assert not (run / "backup").exists()  # removed when training finishes
+    with open(run / "log.csv") as file:
+        rows = list(csv.DictReader(file))
+    assert [row["epoch"] for row in rows] == ["0", "1"]
+    assert result["dataset"] == "nuclei" and result["held_out_tiles"] == 16
+    assert 0.0 <= result["model"]["dice"] <= 1.0
+    assert 0.8 < result["otsu"]["dice"] < 0.95  # Otsu on this image: about 0.85
+    assert json.loads((run / "result.json").read_text()) == result
+    keras.saving.load_model(run / "best.keras", safe_mode=True)
+
+
+def test_a_finished_run_is_not_trained_again(tmp_path):
+    config = _tiny_config(tmp_path, epochs=1, steps_per_epoch=1)
+    training.train(config, verbose=0)
+    with pytest.raises(ValueError, match="holds a finished run.*--overwrite"):
+        training.train(config, verbose=0)
+    training.train(config, overwrite=True, verbose=0)
+
+
+def test_a_run_folder_with_other_settings_is_refused(tmp_path):
+    training.train(_tiny_config(tmp_path, epochs=1, steps_per_epoch=1), verbose=0)
+    with pytest.raises(ValueError, match=r"other settings \(learning_rate: 0.01 -> 0.5\)"):
+        training.train(_tiny_config(tmp_path, epochs=1, steps_per_epoch=1,
+                                    learning_rate=0.5), verbose=0)
+
+
+@pytest.mark.parametrize(
+    "changes, match",
+    [
+        (dict(epochs=0), r"epochs=0 is not allowed"),
+        (dict(learning_rate=-1.0), r"learning_rate=-1.0 is not allowed"),
+        (dict(loss="mse"), r"loss='mse' is not supported"),
+        (dict(tile=62), r"tile=62 must be divisible by 2\*\*depth=4"),
+        (dict(dataset="no/such/folder"), r"neither a built-in dataset"),
+        (dict(n_label=2), r"n_label is fixed by the built-in dataset 'nuclei'"),
+        (dict(data_format="NHWC"), r"data_format='NHWC' is not supported"),
+    ],
+)
+def test_bad_settings_are_refused_before_anything_is_written(tmp_path, changes, match):
+    with pytest.raises(ValueError, match=match):
+        training.train(_tiny_config(tmp_path, **changes), verbose=0)
+    assert not (tmp_path / "run").exists()
+
+
+def test_training_stops_with_a_clear_error_when_the_loss_becomes_nan(tmp_path,
+                                                                     monkeypatch):
+    def nan_times_prediction(y_true, y_pred):
+        return keras.ops.mean(y_pred) * float("nan")
+
+    def nan_loss(name, n_label, data_format=None):
+        return nan_times_prediction
+
+    monkeypatch.setattr(training.losses_lib, "get", nan_loss)
+    with pytest.raises(RuntimeError, match="the loss became NaN"):
+        training.train(_tiny_config(tmp_path), verbose=0)
+    assert not (tmp_path / "run" / "result.json").exists()
+
+
+def test_backup_restores_weights_optimizer_state_and_epoch(tmp_path):
+    config = _tiny_config(tmp_path)
+    dataset = data.nuclei(tile=64)
+    keras.utils.set_random_seed(0)
+    model = training.build_model(config, dataset)
+    model.fit(data.make_dataset(dataset.train, 1, 4, training=True), epochs=2,
+              steps_per_epoch=3, verbose=0, shuffle=False,
+              callbacks=[training.ResumableBackup(str(tmp_path / "backup"), save_freq=2)])
+
+    fresh = training.build_model(config, dataset)
+    epoch = training.restore_backup(fresh, str(tmp_path / "backup"))
+
+    assert epoch == 2
+    assert int(fresh.optimizer.iterations.numpy()) == 6
+    for saved, restored in zip(model.weights + model.optimizer.variables,
+                               fresh.weights + fresh.optimizer.variables):
+        np.testing.assert_array_equal(saved.numpy(), restored.numpy())
+    assert sorted(os.listdir(tmp_path / "backup")) == ["state"]
+
+
+def _train_command(output, epochs):
+    script = os.path.join(os.path.dirname(sys.executable), "attunet-keras")
+    return [script, "train", "--dataset", "nuclei", "--output", str(output),
+            "--epochs", str(epochs), "--steps-per-epoch", "8", "--batch-size", "4",
+            "--depth", "2", "--features", "4", "--tile", "64", "--backup-every", "1"]
+
+
+def test_a_killed_run_resumes_where_it_was(tmp_path):
+    """SIGKILL a real training process mid-epoch, then run the same command again."""
+    output = tmp_path / "run"
+    command = _train_command(output, epochs=4)
+    environment = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL, env=environment)
+    deadline = time.time() + 240
+    try:
+        # Wait for a backup taken inside the third epoch (epoch index 2).
+        while time.time() < deadline:
+            progress = training.backup_progress(str(output / "backup"))
+            if progress and progress["epoch"] == 2 and progress["step"] >= 2:
+                break
+            if process.poll() is not None:
+                pytest.fail(f"training ended before it was killed (rc {process.returncode})")
+            time.sleep(0.05)
+        else:
+            pytest.fail("no mid-epoch backup appeared in time")
+        process.send_signal(signal.SIGKILL)
+    finally:
+        process.kill()
+        process.wait()
+
+    assert not (output / "result.json").exists()
+    resume_epoch = training.backup_progress(str(output / "backup"))["epoch"]
+    assert resume_epoch >= 2  # two epochs done: not a restart from scratch
+    with open(output / "log.csv") as file:
+        epochs_before = [int(row["epoch"]) for row in csv.DictReader(file)]
+    assert epochs_before[:resume_epoch] == list(range(resume_epoch))
+
+    resumed = subprocess.run(command, capture_output=True, text=True, timeout=600,
+                             env=environment)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"Resuming {output} from its backup at epoch {resume_epoch + 1}" in resumed.stdout
+    assert "Epoch 1/4" not in resumed.stdout
+    assert f"Epoch {resume_epoch + 1}/4" in resumed.stdout
+    with open(output / "log.csv") as file:
+        epochs_after = [row["epoch"] for row in csv.DictReader(file)]
+    assert epochs_after == ["0", "1", "2", "3"]  # every epoch logged once
+    assert (output / "result.json").exists() and not (output / "backup").exists()
