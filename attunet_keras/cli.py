@@ -1,15 +1,16 @@
-"""The `attunet-keras` command line: summary, plot and export of an Attention U-Net."""
+"""The `attunet-keras` command line: inspect, train, evaluate, predict and export."""
 
 import argparse
+import json
 import os
 import sys
 
 _DESCRIPTION = """\
-Build, inspect and export the Attention U-Net of attunet_keras.
+Build, inspect, train and export the Attention U-Net of attunet_keras.
 
-Every subcommand builds att_unet() from the model options below (defaults: the
+summary, plot and export build att_unet() from the model options (defaults: the
 reference model, att_unet(160, 160, n_label=1), channels_first, 7,977,941 parameters),
-or loads a trained model with --model FILE.keras instead.
+or use a trained model: --model FILE.keras, or --run DIR for a training run's best.
 """
 
 _EPILOG = """\
@@ -17,7 +18,11 @@ examples:
   attunet-keras summary
   attunet-keras summary --img-w 256 --img-h 256 --data-format channels_last
   attunet-keras plot --output att_unet.png
-  attunet-keras export --output saved_model --img-w none --img-h none
+  attunet-keras train --dataset nuclei --output runs/nuclei
+  attunet-keras evaluate runs/nuclei
+  attunet-keras predict --run runs/nuclei --output predictions [IMAGE_OR_FOLDER]
+  attunet-keras attention --run runs/nuclei --output attention.png [IMAGE]
+  attunet-keras export --run runs/nuclei --output saved_model
 """
 
 
@@ -65,11 +70,21 @@ def _model_options():
         "--in-channels", type=int, default=3, metavar="N",
         help="channels of the input image (default: 3)",
     )
-    group.add_argument(
-        "--model", metavar="FILE.keras",
-        help="load this saved model instead of building one from the options above",
-    )
+    _trained_model_options(group)
     return parent
+
+
+def _trained_model_options(group, required=False):
+    which = group.add_mutually_exclusive_group(required=required)
+    which.add_argument(
+        "--model", metavar="FILE.keras",
+        help="use this saved model" + ("" if required else
+                                        " instead of building one from the options"),
+    )
+    which.add_argument(
+        "--run", metavar="DIR",
+        help="use the best model of this training run (attunet-keras train --output)",
+    )
 
 
 def build_parser():
@@ -130,7 +145,104 @@ def build_parser():
                         help="replace DIR when it exists")
     export.add_argument("--seed", type=int, default=0,
                         help="seed of the random check batch (default: 0)")
+
+    _add_train_parser(commands)
+
+    evaluate = commands.add_parser(
+        "evaluate", help="held-out Dice and IoU of a run, next to an Otsu baseline",
+        description=(
+            "Print the held-out Dice and IoU of a training run's best model and of an "
+            "Otsu threshold on the same held-out pixels."
+        ),
+    )
+    evaluate.add_argument("run", metavar="RUN_DIR", help="folder of a training run")
+    evaluate.add_argument("--json", action="store_true", help="print JSON")
+
+    predict = commands.add_parser(
+        "predict", help="write masks and overlay PNGs for an image or a folder",
+        description=(
+            "Write NAME_mask.png (0/255 for binary models, class indices otherwise) "
+            "and NAME_overlay.png for each image. Without IMAGE, a run's held-out "
+            "images are used."
+        ),
+    )
+    predict.add_argument("input", nargs="?", metavar="IMAGE_OR_FOLDER",
+                         help="a PNG/JPEG/TIFF image or a folder of them")
+    _trained_model_options(predict.add_argument_group("model"), required=True)
+    predict.add_argument("--output", required=True, metavar="DIR",
+                         help="folder for the PNGs (created)")
+    predict.add_argument("--threshold", type=float, default=0.5,
+                         help="probability threshold of binary models (default: 0.5)")
+    predict.add_argument("--overwrite", action="store_true",
+                         help="replace PNGs that exist")
+
+    attention = commands.add_parser(
+        "attention", help="one figure of every attention gate's coefficients",
+        description=(
+            "Draw the image, the prediction and the sigmoid attention map of every "
+            "gate (deepest first) in one figure. Without IMAGE, a run's first "
+            "held-out image is used."
+        ),
+    )
+    attention.add_argument("input", nargs="?", metavar="IMAGE",
+                           help="a PNG/JPEG/TIFF image")
+    _trained_model_options(attention.add_argument_group("model"), required=True)
+    attention.add_argument("--output", required=True, metavar="FILE.png",
+                           help="the figure to write")
+    attention.add_argument("--overwrite", action="store_true",
+                           help="replace FILE when it exists")
     return parser
+
+
+def _add_train_parser(commands):
+    from attunet_keras import losses
+    from attunet_keras import training
+
+    defaults = training.TrainConfig()
+    train = commands.add_parser(
+        "train", help="train on nuclei, brain or a folder of images and masks",
+        description=(
+            "Train an att_unet with Keras fit. The run folder gets config.json, "
+            "best.keras (best held-out Dice), last.keras, log.csv, tensorboard/ and "
+            "result.json. A run that was killed resumes from its last backup when "
+            "the same command is run again."
+        ),
+    )
+    train.add_argument("--dataset", required=True, metavar="nuclei|brain|PATH",
+                       help="built-in dataset, or a folder with images/ and masks/")
+    train.add_argument("--output", required=True, metavar="DIR", help="the run folder")
+    train.add_argument("--epochs", type=int, default=defaults.epochs,
+                       help=f"epochs (default: {defaults.epochs})")
+    train.add_argument("--steps-per-epoch", type=int, default=None, metavar="N",
+                       help="batches per epoch (default: one pass over the tiles)")
+    train.add_argument("--batch-size", type=int, default=defaults.batch_size,
+                       metavar="N", help=f"batch size (default: {defaults.batch_size})")
+    train.add_argument("--learning-rate", type=float, default=defaults.learning_rate,
+                       metavar="LR", help=f"Adam (default: {defaults.learning_rate})")
+    train.add_argument("--loss", choices=losses.LOSSES, default=defaults.loss,
+                       help=f"loss (default: {defaults.loss}; bce and focal are "
+                            "categorical for several classes)")
+    train.add_argument("--seed", type=int, default=defaults.seed,
+                       help=f"seed (default: {defaults.seed})")
+    train.add_argument("--depth", type=int, default=defaults.depth, metavar="N",
+                       help=f"att_unet depth (default: {defaults.depth})")
+    train.add_argument("--features", type=int, default=defaults.features, metavar="N",
+                       help=f"att_unet base features (default: {defaults.features})")
+    train.add_argument("--tile", type=int, default=defaults.tile, metavar="N",
+                       help=f"tile side for nuclei and folders (default: {defaults.tile})")
+    train.add_argument("--data-format", choices=("channels_first", "channels_last"),
+                       default=defaults.data_format,
+                       help=f"layout (default: {defaults.data_format}, faster on CPUs)")
+    train.add_argument("--n-label", type=int, default=None, metavar="N",
+                       help="classes of a folder dataset: 1 for binary masks")
+    train.add_argument("--backup-every", type=int, default=defaults.backup_every,
+                       metavar="N", help="steps between resumable backups "
+                                         f"(default: {defaults.backup_every})")
+    train.add_argument("--overwrite", action="store_true",
+                       help="delete an existing run in DIR and start again")
+    train.add_argument("--verbose", choices=("auto", "0", "1", "2"), default="auto",
+                       help="Keras fit output: 1 progress bar, 2 one line per epoch "
+                            "(default: auto)")
 
 
 def main(argv=None):
@@ -138,32 +250,34 @@ def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        _check_output(args)
-        model = _load_or_build(args)
-        return _COMMANDS[args.command](model, args)
-    except (ValueError, FileExistsError, FileNotFoundError) as error:
+        return _COMMANDS[args.command](args)
+    except (ValueError, FileExistsError, FileNotFoundError, RuntimeError) as error:
         parser.exit(2, f"attunet-keras {args.command}: error: {error}\n")
 
 
-def _check_output(args):
-    """Refuses to replace an existing output before any work is done."""
-    output = getattr(args, "output", None)
-    if output and os.path.lexists(output) and not args.overwrite:
+def _check_output(args, extensions=None):
+    """Refuses to replace an existing output, or to write an unknown file type."""
+    output = args.output
+    if os.path.lexists(output) and not args.overwrite:
         raise FileExistsError(
             f"{output} already exists; choose another path or pass --overwrite."
         )
-    if args.command == "plot":
+    if extensions:
         extension = os.path.splitext(output)[1].lower()
-        if extension not in (".png", ".svg", ".pdf", ".dot", ".jpg", ".jpeg"):
+        if extension not in extensions:
             raise ValueError(
                 f"--output {output!r} has extension {extension!r}; expected one of "
-                ".png, .svg, .pdf, .dot, .jpg, .jpeg."
+                f"{', '.join(extensions)}."
             )
 
 
 def _load_or_build(args):
     import keras
 
+    if args.run:
+        from attunet_keras import training
+
+        return training.load_run_model(args.run)
     if args.model:
         if not os.path.isfile(args.model):
             raise FileNotFoundError(f"--model {args.model}: no such file.")
@@ -183,14 +297,18 @@ def _load_or_build(args):
     )
 
 
-def _summary(model, args):
+def _summary(args):
+    model = _load_or_build(args)
     model.summary(line_length=args.line_length)
     print(f"Parameters: {model.count_params():,}")
     return 0
 
 
-def _plot(model, args):
+def _plot(args):
     import keras
+
+    _check_output(args, (".png", ".svg", ".pdf", ".dot", ".jpg", ".jpeg"))
+    model = _load_or_build(args)
 
     def draw(splines):
         keras.utils.plot_model(
@@ -217,9 +335,11 @@ def _plot(model, args):
     return 0
 
 
-def _export(model, args):
+def _export(args):
     from attunet_keras import export
 
+    _check_output(args)
+    model = _load_or_build(args)
     sample = _check_batch(model, args.seed)
     max_diff = export.export_saved_model(
         model, args.output, sample=sample, overwrite=args.overwrite
@@ -228,6 +348,96 @@ def _export(model, args):
           f"{tuple(model.input.shape)}, output {tuple(model.output.shape)})")
     print(f"Reloaded and checked on a batch of {sample.shape}: "
           f"max |serve - predict| = {max_diff:.3g}")
+    return 0
+
+
+def _train(args):
+    from attunet_keras import training
+
+    config = training.TrainConfig(
+        dataset=args.dataset, output=args.output, epochs=args.epochs,
+        steps_per_epoch=args.steps_per_epoch, batch_size=args.batch_size,
+        learning_rate=args.learning_rate, loss=args.loss, seed=args.seed,
+        depth=args.depth, features=args.features, tile=args.tile,
+        data_format=args.data_format, n_label=args.n_label,
+        backup_every=args.backup_every,
+    )
+    verbose = args.verbose if args.verbose == "auto" else int(args.verbose)
+    result = training.train(config, overwrite=args.overwrite, verbose=verbose)
+    _print_scores(result)
+    return 0
+
+
+def _evaluate(args):
+    from attunet_keras import training
+
+    result = training.evaluate_run(args.run)
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        _print_scores(result)
+    return 0
+
+
+def _print_scores(result):
+    print(f"Held-out scores on {result['dataset']} ({result['held_out_tiles']} tiles):")
+    print(f"  {'metric':<24}{'att_unet':>10}{'Otsu':>10}")
+    for name, value in result["model"].items():
+        print(f"  {name:<24}{value:>10.4f}{result['otsu'][name]:>10.4f}")
+
+
+def _inputs(args):
+    """(name, image, mask or None, normalized) for the command's images."""
+    from attunet_keras import data
+    from attunet_keras import inference
+    from attunet_keras import training
+
+    if args.input:
+        return [(os.path.splitext(os.path.basename(path))[0], data.read_image(path),
+                 None, False) for path in inference.image_files(args.input)]
+    if not args.run:
+        raise ValueError("give an IMAGE (or folder), or --run DIR for its held-out images.")
+    dataset = training.load_data(training.read_config(args.run))
+    return [(name, image, mask, True) for name, image, mask in dataset.examples]
+
+
+def _predict(args):
+    from attunet_keras import data
+    from attunet_keras import inference
+
+    inputs = _inputs(args)
+    model = inference.fully_convolutional(_load_or_build(args))
+    n_label = model.output.shape[1 if inference.model_data_format(model) ==
+                                 "channels_first" else -1]
+    os.makedirs(args.output, exist_ok=True)
+    for name, image, _, normalized in inputs:
+        paths = [os.path.join(args.output, f"{name}_{kind}.png")
+                 for kind in ("mask", "overlay")]
+        existing = [path for path in paths if os.path.exists(path)]
+        if existing and not args.overwrite:
+            raise FileExistsError(f"{existing[0]} already exists; pass --overwrite.")
+        probabilities = inference.predict_probabilities(model, image, normalized=normalized)
+        labels = inference.labels_from_probabilities(probabilities, args.threshold)
+        shown = image if normalized else data.normalize(image)
+        inference.save_png(paths[0], inference.mask_png(labels, n_label))
+        inference.save_png(paths[1], inference.overlay(shown, labels))
+        print(f"Wrote {paths[0]} and {paths[1]} ({labels.shape[0]}x{labels.shape[1]})")
+    return 0
+
+
+def _attention(args):
+    from attunet_keras import data
+    from attunet_keras import inference
+
+    _check_output(args, (".png",))
+    name, image, _, normalized = _inputs(args)[0]
+    model = _load_or_build(args)
+    probabilities, gate_maps = inference.attention_maps(model, image, normalized=normalized)
+    shown = image if normalized else data.normalize(image)
+    inference.attention_figure(args.output, shown, probabilities, gate_maps,
+                               title=f"Attention gates of {model.name} on {name}")
+    print(f"Wrote {args.output}: {len(gate_maps)} gates "
+          f"({', '.join(f'{g} {m.shape[0]}x{m.shape[1]}' for g, m in gate_maps.items())})")
     return 0
 
 
@@ -253,7 +463,10 @@ def _version():
     return f"attunet-keras {__version__}"
 
 
-_COMMANDS = {"summary": _summary, "plot": _plot, "export": _export}
+_COMMANDS = {
+    "summary": _summary, "plot": _plot, "export": _export, "train": _train,
+    "evaluate": _evaluate, "predict": _predict, "attention": _attention,
+}
 
 
 if __name__ == "__main__":

@@ -119,3 +119,98 @@ def test_plot_falls_back_to_polyline_when_graphviz_ortho_fails(tmp_path, capsys)
     assert cli.main(["plot", *TINY, "--output", str(output)]) == 0
     assert output.read_bytes()[:4] == b"\x89PNG"
     assert "polyline" in capsys.readouterr().out
+
+
+TINY_TRAIN = ["--epochs", "1", "--steps-per-epoch", "2", "--batch-size", "4",
+              "--depth", "2", "--features", "4", "--tile", "64", "--verbose", "0"]
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """A finished tiny training run on nuclei, made through the command line."""
+    run = tmp_path_factory.mktemp("cli") / "run"
+    assert cli.main(["train", "--dataset", "nuclei", "--output", str(run),
+                     *TINY_TRAIN]) == 0
+    return run
+
+
+def test_train_prints_held_out_scores_next_to_otsu(tiny_run, capsys):
+    assert cli.main(["evaluate", str(tiny_run)]) == 0
+    text = capsys.readouterr().out
+    assert "Held-out scores on nuclei (16 tiles)" in text
+    assert "att_unet" in text and "Otsu" in text and "dice" in text
+
+
+def test_evaluate_json(tiny_run, capsys):
+    import json
+
+    assert cli.main(["evaluate", str(tiny_run), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert set(result["model"]) == set(result["otsu"]) == {"dice", "iou"}
+
+
+def test_predict_writes_mask_and_overlay_for_held_out_images(tiny_run, tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    output = tmp_path / "predictions"
+    assert cli.main(["predict", "--run", str(tiny_run), "--output", str(output)]) == 0
+    with Image.open(output / "nuclei_held_out_mask.png") as mask:
+        assert mask.size == (128, 512)
+        assert set(np.unique(np.asarray(mask)).tolist()) <= {0, 255}
+    with Image.open(output / "nuclei_held_out_overlay.png") as overlay:
+        assert overlay.mode == "RGB" and overlay.size == (128, 512)
+
+
+def test_predict_on_a_folder_of_images(tiny_run, tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for name, size in (("a.png", (40, 60)), ("b.png", (64, 64))):
+        Image.fromarray((np.random.default_rng(0).random(size) * 255).astype("uint8")).save(
+            folder / name)
+    output = tmp_path / "out"
+    model = tiny_run / "best.keras"
+    assert cli.main(["predict", str(folder), "--model", str(model),
+                     "--output", str(output)]) == 0
+    assert sorted(os.listdir(output)) == ["a_mask.png", "a_overlay.png", "b_mask.png",
+                                          "b_overlay.png"]
+    with Image.open(output / "a_mask.png") as mask:
+        assert mask.size == (60, 40)
+
+
+def test_attention_writes_one_figure(tiny_run, tmp_path, capsys):
+    output = tmp_path / "attention.png"
+    assert cli.main(["attention", "--run", str(tiny_run), "--output", str(output)]) == 0
+    assert output.read_bytes()[:4] == b"\x89PNG"
+    assert "2 gates (dec2 256x64, dec1 512x128)" in capsys.readouterr().out
+
+
+def test_export_of_a_run(tiny_run, tmp_path):
+    output = tmp_path / "saved"
+    assert cli.main(["export", "--run", str(tiny_run), "--output", str(output)]) == 0
+    assert (output / "saved_model.pb").is_file()
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["predict", "--model", "x.keras", "--output", "out"],
+         "give an IMAGE (or folder), or --run DIR"),
+        (["train", "--dataset", "nuclei", "--output", "run", "--loss", "dice",
+          "--learning-rate", "0"], "learning_rate=0.0 is not allowed"),
+        (["train", "--dataset", "missing_folder", "--output", "run"],
+         "neither a built-in dataset"),
+        (["attention", "--run", "no_run", "--output", "a.png"],
+         "no_run is not a training run"),
+    ],
+)
+def test_bad_training_commands_exit_2(argv, message, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(argv)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+    assert os.listdir(tmp_path) == []
