@@ -1,4 +1,6 @@
-"""The Attention U-Net model builder."""
+"""The Attention U-Net model builders, 2D (`att_unet`) and 3D (`att_unet_3d`)."""
+
+import numbers
 
 import keras
 from keras import layers
@@ -20,6 +22,11 @@ def att_unet(
     *,
     in_channels=3,
     output_activation="sigmoid",
+    dropout=DROPOUT_RATE,
+    batch_norm=False,
+    upsampling="nearest",
+    gate="additive",
+    deep_supervision=False,
     name="att_unet",
 ):
     """Builds the Attention U-Net of the reference Keras port.
@@ -30,13 +37,15 @@ def att_unet(
     gate (`attention_up_and_concat`), concatenates and applies two 3x3 Conv-ReLU; a 1x1
     convolution and a sigmoid give `n_label` per-pixel probabilities. At the defaults
     and `att_unet(160, 160, 1)` the model has 7,977,941 parameters, like the reference.
+    The keyword-only options beyond `in_channels` cover the other published variants;
+    their defaults are the reference.
 
     Args:
         img_w: int or None. Size of the first spatial axis (as in the reference, the
             input is `(in_channels, img_w, img_h)` in `channels_first`). Must be
             divisible by `2**depth`; `None` leaves it to be chosen at call time.
         img_h: int or None. Size of the second spatial axis, as `img_w`.
-        n_label: int. Output channels (one sigmoid map each). Must be >= 1.
+        n_label: int. Output channels. Must be >= 1 (>= 2 with softmax).
         depth: int. Number of pooling levels. Defaults to 4.
         features: int. Filters of the first level, doubled at each level down.
             Must be >= 2 so that every gate has at least one channel. Defaults to 32.
@@ -47,11 +56,25 @@ def att_unet(
         output_activation: str or None. `"sigmoid"` (the reference: independent
             per-channel probabilities), `"softmax"` (over the `n_label` channels, for
             multi-class segmentation) or `None` (logits). Defaults to `"sigmoid"`.
+        dropout: float. Rate of the Dropout between the two convolutions of every
+            block, in [0, 1); 0 builds no Dropout layers. Defaults to 0.2.
+        batch_norm: bool. Conv-BN-ReLU in every block (convolutions without bias) and
+            batch normalization on theta, phi and psi in the additive gates, as the
+            PyTorch Attention U-Nets. Defaults to False.
+        upsampling: str. The decoder's up-sampling: `"nearest"` (the reference),
+            `"bilinear"` or `"transpose"` (learned `Conv2DTranspose`, kernel = stride
+            = 2). Defaults to `"nearest"`.
+        gate: str. `"additive"` (the reference's gate) or `"grid"` (the paper's grid
+            attention gate; see `blocks.grid_attn_block_2d`). Defaults to `"additive"`.
+        deep_supervision: bool. Add a 1x1 head at every decoder level below the top,
+            up-sampled to full size, as extra outputs `dec{k}_head_*` after the main
+            output (which stays first). Needs depth >= 2. Defaults to False.
         name: str. Name of the model. Defaults to `"att_unet"`.
 
     Returns:
-        A functional `keras.Model` mapping images to sigmoid probabilities of the same
-        spatial size, `(batch, n_label, img_w, img_h)` in `channels_first`.
+        A functional `keras.Model` mapping images to per-pixel outputs of the same
+        spatial size, `(batch, n_label, img_w, img_h)` in `channels_first`; a list of
+        `depth` such outputs with `deep_supervision`.
 
     Example:
 
@@ -59,70 +82,187 @@ def att_unet(
     >>> model.count_params()
     7977941
     """
-    data_format = _validation.resolve_data_format(data_format)
+    return _build(2, {"img_w": img_w, "img_h": img_h}, locals())
+
+
+def att_unet_3d(
+    img_d,
+    img_w,
+    img_h,
+    n_label,
+    depth=4,
+    features=32,
+    data_format="channels_first",
+    *,
+    in_channels=1,
+    output_activation="sigmoid",
+    dropout=DROPOUT_RATE,
+    batch_norm=False,
+    upsampling="nearest",
+    gate="additive",
+    deep_supervision=False,
+    name="att_unet_3d",
+):
+    """Builds the 3D Attention U-Net: `att_unet` with volumes (the paper's network).
+
+    The same network and options as `att_unet` with 3x3x3 convolutions, 2x2x2 pooling
+    and 3D gates; the input is `(in_channels, img_d, img_w, img_h)` in
+    `channels_first`. `upsampling` is `"nearest"` or `"transpose"`: Keras's
+    `UpSampling3D` has no trilinear mode, so the grid gate's and the deep-supervision
+    heads' resampling is nearest-neighbour in 3D.
+
+    Args:
+        img_d: int or None. Size of the first spatial axis (depth of the volume).
+        img_w: int or None. Second spatial axis.
+        img_h: int or None. Third spatial axis.
+        n_label, depth, features, data_format: as in `att_unet`.
+        in_channels: int. Channels of the input volume. Defaults to 1.
+        output_activation, dropout, batch_norm, upsampling, gate, deep_supervision:
+            as in `att_unet`.
+        name: str. Defaults to `"att_unet_3d"`.
+
+    Returns:
+        A functional `keras.Model`.
+
+    Example:
+
+    >>> att_unet_3d(32, 32, 32, n_label=2, depth=2, features=8).output.shape
+    (None, 2, 32, 32, 32)
+    """
+    return _build(3, {"img_d": img_d, "img_w": img_w, "img_h": img_h}, locals())
+
+
+def check_arguments(rank, sizes, options):
+    """Checks builder arguments (a dict of them); raises one ValueError naming the first bad one.
+
+    Returns the resolved `data_format`. `att_unet` and `att_unet_3d` call it before
+    they build any layer.
+    """
+    depth, features = options["depth"], options["features"]
+    n_label = options["n_label"]
+    data_format = _validation.resolve_data_format(options["data_format"])
     _validation.check_int("depth", depth, 1)
     _validation.check_int("features", features, 1)
     _validation.check_int("n_label", n_label, 1)
-    _validation.check_int("in_channels", in_channels, 1)
-    _validation.check_size("img_w", img_w, depth)
-    _validation.check_size("img_h", img_h, depth)
+    _validation.check_int("in_channels", options["in_channels"], 1)
+    for size_name, size in sizes.items():
+        _validation.check_size(size_name, size, depth)
     if (2 * features) // 4 < 1:
         raise ValueError(
             f"features={features} is not allowed: the gate of the top decoder level "
             f"gets inter_channel = (2 * features) // 4 = {(2 * features) // 4}; "
             "features must be >= 2."
         )
-    if output_activation not in OUTPUT_ACTIVATIONS:
+    activation = options["output_activation"]
+    if activation not in OUTPUT_ACTIVATIONS:
         raise ValueError(
-            f"output_activation={output_activation!r} is not supported; expected one "
+            f"output_activation={activation!r} is not supported; expected one "
             f"of {OUTPUT_ACTIVATIONS}."
         )
-    if output_activation == "softmax" and n_label < 2:
+    if activation == "softmax" and n_label < 2:
         raise ValueError(
             "output_activation='softmax' needs n_label >= 2 classes (background "
             f"included); received n_label={n_label}. Use 'sigmoid' for one channel."
         )
+    dropout = options["dropout"]
+    if (not isinstance(dropout, numbers.Real) or isinstance(dropout, bool)
+            or not 0.0 <= dropout < 1.0):
+        raise ValueError(
+            f"dropout={dropout!r} is not allowed; expected a rate in [0, 1) "
+            "(0 builds no Dropout layers)."
+        )
+    if not isinstance(options["batch_norm"], bool):
+        raise ValueError(
+            f"batch_norm={options['batch_norm']!r} is not allowed; expected True or False."
+        )
+    blocks.check_block_options(rank, options["upsampling"], options["gate"])
+    if not isinstance(options["deep_supervision"], bool):
+        raise ValueError(
+            f"deep_supervision={options['deep_supervision']!r} is not allowed; expected "
+            "True or False."
+        )
+    if options["deep_supervision"] and depth < 2:
+        raise ValueError(
+            f"deep_supervision=True needs depth >= 2 (a decoder level below the top); "
+            f"received depth={depth}."
+        )
+    name = options["name"]
     if not isinstance(name, str) or not name:
         raise ValueError(f"name={name!r} is not allowed; expected a non-empty string.")
+    return data_format
 
+
+def _build(rank, sizes, options):
+    data_format = check_arguments(rank, sizes, options)
+    depth, features, n_label = options["depth"], options["features"], options["n_label"]
+    spatial = tuple(sizes.values())
     if data_format == "channels_first":
-        input_shape = (in_channels, img_w, img_h)
+        input_shape = (options["in_channels"],) + spatial
     else:
-        input_shape = (img_w, img_h, in_channels)
-    inputs = keras.Input(shape=input_shape, name="image")
+        input_shape = spatial + (options["in_channels"],)
+    block_options = dict(rank=rank, data_format=data_format, dropout=options["dropout"],
+                         batch_norm=options["batch_norm"])
 
+    inputs = keras.Input(shape=input_shape, name="image")
     x = inputs
     skips = []
     for level in range(1, depth + 1):
-        x = _conv_block(x, features * 2 ** (level - 1), data_format, f"enc{level}")
+        x = _conv_block(x, features * 2 ** (level - 1), name=f"enc{level}", **block_options)
         skips.append(x)
-        x = layers.MaxPooling2D(2, data_format=data_format, name=f"enc{level}_pool")(x)
-    x = _conv_block(x, features * 2**depth, data_format, "bottleneck")
+        x = blocks.max_pooling(rank, 2, data_format=data_format, name=f"enc{level}_pool")(x)
+    x = _conv_block(x, features * 2**depth, name="bottleneck", **block_options)
+    side_outputs = []
     for level in range(depth, 0, -1):
-        x = blocks.attention_up_and_concat(
-            x, skips[level - 1], data_format=data_format, name=f"dec{level}"
+        x = _UP_AND_CONCAT[rank](
+            x, skips[level - 1], data_format, f"dec{level}",
+            batch_norm=options["batch_norm"], upsampling=options["upsampling"],
+            gate=options["gate"],
         )
-        x = _conv_block(x, features * 2 ** (level - 1), data_format, f"dec{level}")
+        x = _conv_block(x, features * 2 ** (level - 1), name=f"dec{level}", **block_options)
+        if options["deep_supervision"] and level > 1:
+            side_outputs.append((level, x))
 
-    outputs = layers.Conv2D(
-        n_label, 1, padding="same", data_format=data_format, name="head_conv"
-    )(x)
-    if output_activation == "softmax":
+    outputs = [_head(rank, x, n_label, data_format, options["output_activation"], "head")]
+    for level, features_map in sorted(side_outputs):
+        outputs.append(_head(rank, features_map, n_label, data_format,
+                             options["output_activation"], f"dec{level}_head",
+                             upsample=2 ** (level - 1)))
+    return keras.Model(inputs, outputs if len(outputs) > 1 else outputs[0],
+                       name=options["name"])
+
+
+_UP_AND_CONCAT = {2: blocks.attention_up_and_concat, 3: blocks.attention_up_and_concat_3d}
+
+
+def _conv_block(x, filters, *, rank, data_format, dropout, batch_norm, name):
+    """Conv-ReLU, Dropout, Conv-ReLU (the reference); Conv-BN-ReLU with batch_norm."""
+    channel_axis = _validation.channel_axis_for(data_format)
+
+    def conv_unit(tensor, index):
+        if not batch_norm:
+            return blocks.conv(rank, filters, 3, padding="same", activation="relu",
+                               data_format=data_format, name=f"{name}_conv{index}")(tensor)
+        tensor = blocks.conv(rank, filters, 3, padding="same", use_bias=False,
+                             data_format=data_format, name=f"{name}_conv{index}")(tensor)
+        tensor = layers.BatchNormalization(axis=channel_axis, name=f"{name}_bn{index}")(tensor)
+        return layers.Activation("relu", name=f"{name}_relu{index}")(tensor)
+
+    x = conv_unit(x, 1)
+    if dropout:
+        x = layers.Dropout(dropout, name=f"{name}_dropout")(x)
+    return conv_unit(x, 2)
+
+
+def _head(rank, x, n_label, data_format, activation, name, upsample=1):
+    """1x1 convolution to `n_label` channels, up-sampled, then the output activation."""
+    x = blocks.conv(rank, n_label, 1, padding="same", data_format=data_format,
+                    name=f"{name}_conv")(x)
+    if upsample > 1:
+        x = blocks.upsampling_layer(rank, upsample, data_format,
+                                    blocks.smooth_interpolation(rank), f"{name}_up")(x)
+    if activation == "softmax":
         channel_axis = _validation.channel_axis_for(data_format)
-        outputs = layers.Softmax(axis=channel_axis, name="head_softmax")(outputs)
-    elif output_activation == "sigmoid":
-        outputs = layers.Activation("sigmoid", name="head_sigmoid")(outputs)
-    return keras.Model(inputs, outputs, name=name)
-
-
-def _conv_block(x, filters, data_format, name):
-    """Conv3x3-ReLU, Dropout, Conv3x3-ReLU: the reference's block at every level."""
-    x = layers.Conv2D(
-        filters, 3, padding="same", activation="relu", data_format=data_format,
-        name=f"{name}_conv1",
-    )(x)
-    x = layers.Dropout(DROPOUT_RATE, name=f"{name}_dropout")(x)
-    return layers.Conv2D(
-        filters, 3, padding="same", activation="relu", data_format=data_format,
-        name=f"{name}_conv2",
-    )(x)
+        return layers.Softmax(axis=channel_axis, name=f"{name}_softmax")(x)
+    if activation == "sigmoid":
+        return layers.Activation("sigmoid", name=f"{name}_sigmoid")(x)
+    return x
