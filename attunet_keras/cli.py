@@ -235,6 +235,19 @@ def _add_train_parser(commands):
                        help=f"layout (default: {defaults.data_format}, faster on CPUs)")
     train.add_argument("--n-label", type=int, default=None, metavar="N",
                        help="classes of a folder dataset: 1 for binary masks")
+    variants = train.add_argument_group("architecture options (att_unet)")
+    variants.add_argument("--dropout", type=float, default=defaults.dropout,
+                          metavar="RATE", help=f"dropout rate (default: {defaults.dropout})")
+    variants.add_argument("--batch-norm", action="store_true",
+                          help="Conv-BN-ReLU, and BN in the gates")
+    variants.add_argument("--upsampling", choices=("nearest", "bilinear", "transpose"),
+                          default=defaults.upsampling,
+                          help=f"decoder up-sampling (default: {defaults.upsampling})")
+    variants.add_argument("--gate", choices=("additive", "grid"), default=defaults.gate,
+                          help=f"attention gate (default: {defaults.gate})")
+    variants.add_argument("--deep-supervision", action="store_true",
+                          help="extra 1x1 heads at the lower decoder levels, "
+                               "loss weights 0.5**(level-1)")
     train.add_argument("--backup-every", type=int, default=defaults.backup_every,
                        metavar="N", help="steps between resumable backups "
                                          f"(default: {defaults.backup_every})")
@@ -344,8 +357,9 @@ def _export(args):
     max_diff = export.export_saved_model(
         model, args.output, sample=sample, overwrite=args.overwrite
     )
+    outputs = ", ".join(str(tuple(output.shape)) for output in model.outputs)
     print(f"Wrote SavedModel {args.output} (endpoint 'serve', input "
-          f"{tuple(model.input.shape)}, output {tuple(model.output.shape)})")
+          f"{tuple(model.inputs[0].shape)}, output {outputs})")
     print(f"Reloaded and checked on a batch of {sample.shape}: "
           f"max |serve - predict| = {max_diff:.3g}")
     return 0
@@ -360,7 +374,9 @@ def _train(args):
         learning_rate=args.learning_rate, loss=args.loss, seed=args.seed,
         depth=args.depth, features=args.features, tile=args.tile,
         data_format=args.data_format, n_label=args.n_label,
-        backup_every=args.backup_every,
+        backup_every=args.backup_every, dropout=args.dropout,
+        batch_norm=args.batch_norm, upsampling=args.upsampling, gate=args.gate,
+        deep_supervision=args.deep_supervision,
     )
     verbose = args.verbose if args.verbose == "auto" else int(args.verbose)
     result = training.train(config, overwrite=args.overwrite, verbose=verbose)

@@ -505,7 +505,7 @@ def targets(masks, n_label):
 
 
 def make_dataset(split, n_label, batch_size, *, training, data_format="channels_last",
-                 seed=0):
+                 seed=0, outputs=1):
     """A `tf.data.Dataset` of (image, target) batches from a `Split`.
 
     Training datasets shuffle, augment image and target together (flips, and 90-degree
@@ -519,6 +519,8 @@ def make_dataset(split, n_label, batch_size, *, training, data_format="channels_
         training: bool. Shuffle, augment and repeat.
         data_format: str. Layout of the batches. Defaults to `"channels_last"`.
         seed: int. Seed of the shuffle and the augmentation. Defaults to 0.
+        outputs: int. Outputs of the model; with more than one (deep supervision)
+            each batch's target is repeated as a tuple. Defaults to 1.
     """
     import tensorflow as tf
 
@@ -542,6 +544,8 @@ def make_dataset(split, n_label, batch_size, *, training, data_format="channels_
             lambda image, target: (tf.transpose(image, (0, 3, 1, 2)),
                                    tf.transpose(target, (0, 3, 1, 2)))
         )
+    if outputs > 1:
+        dataset = dataset.map(lambda image, target: (image, (target,) * outputs))
     return dataset.prefetch(tf.data.AUTOTUNE)
 
 

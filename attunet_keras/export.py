@@ -65,9 +65,14 @@ def saved_model_max_diff(model, path, sample):
 
     reloaded = tf.saved_model.load(os.fspath(path))
     sample = np.asarray(sample, dtype="float32")
-    served = np.asarray(reloaded.serve(tf.constant(sample)))
-    expected = np.asarray(model.predict(sample, verbose=0))
-    return float(np.max(np.abs(served - expected)))
+    served = tf.nest.flatten(reloaded.serve(tf.constant(sample)))
+    expected = tf.nest.flatten(model.predict(sample, verbose=0))
+    if len(served) != len(expected):
+        raise AssertionError(
+            f"the SavedModel has {len(served)} outputs, the Keras model {len(expected)}."
+        )
+    return max(float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
+               for a, b in zip(served, expected))
 
 
 def _replace_dir(source, target):

@@ -39,6 +39,7 @@ LAST_MODEL = "last.keras"
 LOG_FILE = "log.csv"
 BACKUP_DIR = "backup"
 MONITOR = "val_dice"
+DEEP_SUPERVISION_DECAY = 0.5
 _STATE = "state"
 _WEIGHTS = "latest.weights.h5"
 _PROGRESS = "progress.json"
@@ -141,7 +142,10 @@ class TrainConfig:
         tile: int. Tile side for `nuclei` and folder datasets (the model's input size).
         data_format: str. Layout of the model and the batches.
         n_label: int or None. Classes of a folder dataset (1: binary).
-        backup_every: int. Steps between `BackupAndRestore` backups.
+        backup_every: int. Steps between backups (`ResumableBackup`).
+        dropout, batch_norm, upsampling, gate, deep_supervision: `att_unet` options.
+            With deep supervision the head of decoder level k gets the loss weight
+            0.5 ** (k - 1), and the metrics and the checkpoint follow the main output.
     """
 
     dataset: str = "nuclei"
@@ -158,6 +162,11 @@ class TrainConfig:
     data_format: str = "channels_last"
     n_label: int = None
     backup_every: int = 5
+    dropout: float = 0.2
+    batch_norm: bool = False
+    upsampling: str = "nearest"
+    gate: str = "additive"
+    deep_supervision: bool = False
 
     def validate(self):
         """Checks every setting; raises one ValueError naming the first bad one."""
@@ -179,11 +188,17 @@ class TrainConfig:
                 f"loss={self.loss!r} is not supported; expected one of "
                 f"{losses_lib.LOSSES}."
             )
-        _validation.resolve_data_format(self.data_format)
         if self.tile % 2**self.depth:
             raise ValueError(
                 f"tile={self.tile} must be divisible by 2**depth={2**self.depth}."
             )
+        from attunet_keras import models
+
+        models.check_arguments(2, {"tile": self.tile}, dict(
+            n_label=self.n_label or 1, depth=self.depth, features=self.features,
+            data_format=self.data_format, in_channels=1, output_activation="sigmoid",
+            dropout=self.dropout, batch_norm=self.batch_norm, upsampling=self.upsampling,
+            gate=self.gate, deep_supervision=self.deep_supervision, name="att_unet"))
         if self.dataset not in data_lib.BUILTIN and not os.path.isdir(self.dataset):
             raise ValueError(
                 f"dataset={self.dataset!r} is neither a built-in dataset "
@@ -226,14 +241,37 @@ def build_model(config, dataset):
         height, width, dataset.n_label, depth=config.depth, features=config.features,
         data_format=config.data_format, in_channels=dataset.in_channels,
         output_activation="sigmoid" if dataset.n_label == 1 else "softmax",
+        dropout=config.dropout, batch_norm=config.batch_norm,
+        upsampling=config.upsampling, gate=config.gate,
+        deep_supervision=config.deep_supervision,
     )
+    loss = losses_lib.get(config.loss, dataset.n_label, config.data_format)
+    metrics = metrics_lib.segmentation_metrics(
+        dataset.n_label, dataset.class_names, config.data_format)
+    if len(model.outputs) == 1:
+        model.compile(optimizer=keras.optimizers.Adam(config.learning_rate), loss=loss,
+                      metrics=metrics)
+        return model
+    # Deep supervision: outputs [main, dec2 head, dec3 head, ...].
     model.compile(
         optimizer=keras.optimizers.Adam(config.learning_rate),
-        loss=losses_lib.get(config.loss, dataset.n_label, config.data_format),
-        metrics=metrics_lib.segmentation_metrics(
-            dataset.n_label, dataset.class_names, config.data_format),
+        loss=[loss] * len(model.outputs),
+        loss_weights=[DEEP_SUPERVISION_DECAY**index for index in range(len(model.outputs))],
+        metrics=[metrics] + [[] for _ in model.outputs[1:]],
     )
     return model
+
+
+def monitor_name(model):
+    """The logged name of the held-out Dice of the model's main output."""
+    if len(model.outputs) == 1:
+        return MONITOR
+    return f"val_{model.output_names[0]}_dice"
+
+
+def main_output(outputs):
+    """The main output of a model's call: the first of a deep-supervision list."""
+    return outputs[0] if isinstance(outputs, (list, tuple)) else outputs
 
 
 def train(config, *, overwrite=False, verbose="auto"):
@@ -257,21 +295,23 @@ def train(config, *, overwrite=False, verbose="auto"):
 
     keras.utils.set_random_seed(config.seed)
     model = build_model(config, dataset)
+    outputs = len(model.outputs)
     train_data = data_lib.make_dataset(
         dataset.train, dataset.n_label, config.batch_size, training=True,
-        data_format=config.data_format, seed=config.seed)
+        data_format=config.data_format, seed=config.seed, outputs=outputs)
     val_data = data_lib.make_dataset(
         dataset.val, dataset.n_label, config.batch_size, training=False,
-        data_format=config.data_format)
+        data_format=config.data_format, outputs=outputs)
+    monitor = monitor_name(model)
 
     backup_dir = os.path.join(output, BACKUP_DIR)
     resumed_epoch = restore_backup(model, backup_dir) if resuming else 0
-    best_so_far = _trim_log(os.path.join(output, LOG_FILE), resumed_epoch)
+    best_so_far = _trim_log(os.path.join(output, LOG_FILE), resumed_epoch, monitor)
     callbacks = [
         keras.callbacks.TerminateOnNaN(),
         keras.callbacks.CSVLogger(os.path.join(output, LOG_FILE), append=True),
         keras.callbacks.ModelCheckpoint(
-            os.path.join(output, BEST_MODEL), monitor=MONITOR, mode="max",
+            os.path.join(output, BEST_MODEL), monitor=monitor, mode="max",
             save_best_only=True, initial_value_threshold=best_so_far,
         ),
         keras.callbacks.TensorBoard(os.path.join(output, "tensorboard")),
@@ -342,8 +382,8 @@ def _prepare_output(config, output, overwrite):
     return False
 
 
-def _trim_log(log_path, first_epoch):
-    """Drops log rows of epochs that will run again; returns the best MONITOR kept."""
+def _trim_log(log_path, first_epoch, monitor):
+    """Drops log rows of epochs that will run again; returns the best `monitor` kept."""
     if not os.path.isfile(log_path):
         return None
     with open(log_path, newline="") as file:
@@ -356,7 +396,7 @@ def _trim_log(log_path, first_epoch):
         writer = csv.DictWriter(file, fieldnames=fields)
         writer.writeheader()
         writer.writerows(kept)
-    scores = [float(row[MONITOR]) for row in kept if row.get(MONITOR)]
+    scores = [float(row[monitor]) for row in kept if row.get(monitor)]
     return max(scores) if scores else None
 
 
@@ -404,7 +444,7 @@ def evaluate_run(run_dir, *, dataset=None, model=None):
     metrics = metrics_lib.segmentation_metrics(
         dataset.n_label, dataset.class_names, config.data_format)
     for images, targets in val_data:
-        predictions = model(images, training=False)
+        predictions = main_output(model(images, training=False))
         for metric in metrics:
             metric.update_state(targets, predictions)
     scores = {metric.name: float(metric.result()) for metric in metrics}

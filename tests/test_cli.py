@@ -214,3 +214,21 @@ def test_bad_training_commands_exit_2(argv, message, capsys, tmp_path, monkeypat
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
     assert os.listdir(tmp_path) == []
+
+
+def test_architecture_options_train_end_to_end(tmp_path, capsys):
+    run = tmp_path / "variant"
+    assert cli.main(["train", "--dataset", "nuclei", "--output", str(run), *TINY_TRAIN,
+                     "--deep-supervision", "--gate", "grid", "--batch-norm",
+                     "--upsampling", "transpose", "--dropout", "0"]) == 0
+    import csv
+
+    with open(run / "log.csv") as file:
+        columns = next(csv.reader(file))
+    # the checkpoint follows the main output's held-out Dice
+    assert "val_head_sigmoid_dice" in columns and "val_dec2_head_sigmoid_loss" in columns
+    assert (run / "best.keras").is_file()
+    assert cli.main(["attention", "--run", str(run), "--output",
+                     str(tmp_path / "a.png")]) == 0
+    assert cli.main(["export", "--run", str(run), "--output", str(tmp_path / "sm")]) == 0
+    assert "max |serve - predict|" in capsys.readouterr().out
