@@ -3,7 +3,12 @@
 Targets are float maps shaped like the model's output: a 0/1 mask with one channel
 for binary segmentation (sigmoid output), one-hot classes for multi-class (softmax
 output). Overlap losses are computed over the whole batch (sums over batch and
-spatial axes, per channel) and averaged over channels.
+spatial axes, per channel) and averaged over channels; under a multi-replica
+strategy, over each replica's part of the batch.
+
+`call` returns one value per sample (the batch's overlap loss repeated), not a
+scalar: Keras only divides a loss by the number of replicas when it reduces a
+per-sample vector, and a scalar loss would be counted once per replica.
 """
 
 import keras
@@ -40,6 +45,11 @@ class _OverlapLoss(keras.losses.Loss):
         return config
 
 
+def _per_sample(value, y_pred):
+    """`value` (a scalar) repeated for every sample of the batch."""
+    return ops.ones((ops.shape(y_pred)[0],), dtype=y_pred.dtype) * value
+
+
 @keras.saving.register_keras_serializable(package="attunet_keras")
 class DiceLoss(_OverlapLoss):
     """Soft Dice loss: `1 - (2 TP + s) / (2 TP + FP + FN + s)`, averaged over channels.
@@ -57,7 +67,7 @@ class DiceLoss(_OverlapLoss):
     def call(self, y_true, y_pred):
         tp, fp, fn = self._sums(y_true, y_pred)
         dice = (2.0 * tp + self.smooth) / (2.0 * tp + fp + fn + self.smooth)
-        return 1.0 - ops.mean(dice)
+        return _per_sample(1.0 - ops.mean(dice), y_pred)
 
 
 @keras.saving.register_keras_serializable(package="attunet_keras")
@@ -83,7 +93,7 @@ class TverskyLoss(_OverlapLoss):
     def call(self, y_true, y_pred):
         tp, fp, fn = self._sums(y_true, y_pred)
         index = (tp + self.smooth) / (tp + self.alpha * fp + self.beta * fn + self.smooth)
-        return 1.0 - ops.mean(index)
+        return _per_sample(1.0 - ops.mean(index), y_pred)
 
     def get_config(self):
         config = super().get_config()
@@ -119,8 +129,10 @@ class CrossEntropyDiceLoss(_OverlapLoss):
                 y_true, y_pred, axis=channel_axis)
         tp, fp, fn = self._sums(y_true, y_pred)
         dice = ops.mean((2.0 * tp + self.smooth) / (2.0 * tp + fp + fn + self.smooth))
-        return (self.cross_entropy_weight * ops.mean(cross_entropy)
-                + self.dice_weight * (1.0 - dice))
+        rank = len(y_pred.shape)
+        per_sample_cross_entropy = ops.mean(cross_entropy, axis=tuple(range(1, rank - 1)))
+        return (self.cross_entropy_weight * per_sample_cross_entropy
+                + self.dice_weight * _per_sample(1.0 - dice, y_pred))
 
     def get_config(self):
         config = super().get_config()
