@@ -195,6 +195,7 @@ def build_parser():
 
 
 def _add_train_parser(commands):
+    from attunet_keras import distribute
     from attunet_keras import losses
     from attunet_keras import training
 
@@ -253,6 +254,22 @@ def _add_train_parser(commands):
                                          f"(default: {defaults.backup_every})")
     train.add_argument("--overwrite", action="store_true",
                        help="delete an existing run in DIR and start again")
+    scale = train.add_argument_group("distribution and precision")
+    scale.add_argument("--strategy", choices=distribute.STRATEGIES, default=defaults.strategy,
+                       help="tf.distribute strategy (default: auto = TPU if found, "
+                            "mirrored over several GPUs, else one device); --batch-size "
+                            "is then per replica")
+    scale.add_argument("--precision", choices=distribute.PRECISIONS,
+                       default=defaults.precision,
+                       help=f"Keras dtype policy (default: {defaults.precision}); the "
+                            "output layer stays float32")
+    scale.add_argument("--jit-compile", choices=distribute.JIT_CHOICES,
+                       default=defaults.jit_compile,
+                       help="XLA (default: auto = off under several replicas, where "
+                            "it fails, and on CPUs)")
+    scale.add_argument("--cpu-devices", type=int, default=None, metavar="N",
+                       help="split the CPU into N logical devices, so 'mirrored' has N "
+                            "replicas without a GPU (testing)")
     train.add_argument("--verbose", choices=("auto", "0", "1", "2"), default="auto",
                        help="Keras fit output: 1 progress bar, 2 one line per epoch "
                             "(default: auto)")
@@ -366,6 +383,7 @@ def _export(args):
 
 
 def _train(args):
+    from attunet_keras import distribute
     from attunet_keras import training
 
     config = training.TrainConfig(
@@ -376,8 +394,12 @@ def _train(args):
         data_format=args.data_format, n_label=args.n_label,
         backup_every=args.backup_every, dropout=args.dropout,
         batch_norm=args.batch_norm, upsampling=args.upsampling, gate=args.gate,
-        deep_supervision=args.deep_supervision,
+        deep_supervision=args.deep_supervision, strategy=args.strategy,
+        precision=args.precision, jit_compile=args.jit_compile,
     )
+    config.validate()
+    if args.cpu_devices is not None:
+        distribute.split_cpu(args.cpu_devices)
     verbose = args.verbose if args.verbose == "auto" else int(args.verbose)
     result = training.train(config, overwrite=args.overwrite, verbose=verbose)
     _print_scores(result)

@@ -254,7 +254,12 @@ def _conv_block(x, filters, *, rank, data_format, dropout, batch_norm, name):
 
 
 def _head(rank, x, n_label, data_format, activation, name, upsample=1):
-    """1x1 convolution to `n_label` channels, up-sampled, then the output activation."""
+    """1x1 convolution to `n_label` channels, up-sampled, then the output activation.
+
+    The activation runs in float32 whatever the dtype policy, so mixed-precision models
+    still output float32 probabilities; logits get a float32 cast layer under a mixed
+    policy.
+    """
     x = blocks.conv(rank, n_label, 1, padding="same", data_format=data_format,
                     name=f"{name}_conv")(x)
     if upsample > 1:
@@ -262,7 +267,10 @@ def _head(rank, x, n_label, data_format, activation, name, upsample=1):
                                     blocks.smooth_interpolation(rank), f"{name}_up")(x)
     if activation == "softmax":
         channel_axis = _validation.channel_axis_for(data_format)
-        return layers.Softmax(axis=channel_axis, name=f"{name}_softmax")(x)
+        return layers.Softmax(axis=channel_axis, dtype="float32",
+                              name=f"{name}_softmax")(x)
     if activation == "sigmoid":
-        return layers.Activation("sigmoid", name=f"{name}_sigmoid")(x)
+        return layers.Activation("sigmoid", dtype="float32", name=f"{name}_sigmoid")(x)
+    if keras.config.dtype_policy().compute_dtype != "float32":
+        return layers.Activation("linear", dtype="float32", name=f"{name}_float32")(x)
     return x

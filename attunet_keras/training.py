@@ -146,6 +146,9 @@ class TrainConfig:
         dropout, batch_norm, upsampling, gate, deep_supervision: `att_unet` options.
             With deep supervision the head of decoder level k gets the loss weight
             0.5 ** (k - 1), and the metrics and the checkpoint follow the main output.
+        strategy: str. A `distribute.STRATEGIES` name; `batch_size` is per replica.
+        precision: str. `float32`, `mixed_float16` or `mixed_bfloat16`.
+        jit_compile: str. `auto` (off under several replicas), `on` or `off`.
     """
 
     dataset: str = "nuclei"
@@ -167,6 +170,9 @@ class TrainConfig:
     upsampling: str = "nearest"
     gate: str = "additive"
     deep_supervision: bool = False
+    strategy: str = "auto"
+    precision: str = "float32"
+    jit_compile: str = "auto"
 
     def validate(self):
         """Checks every setting; raises one ValueError naming the first bad one."""
@@ -192,8 +198,17 @@ class TrainConfig:
             raise ValueError(
                 f"tile={self.tile} must be divisible by 2**depth={2**self.depth}."
             )
+        from attunet_keras import distribute
         from attunet_keras import models
 
+        for name, value, choices in (("strategy", self.strategy, distribute.STRATEGIES),
+                                     ("precision", self.precision, distribute.PRECISIONS),
+                                     ("jit_compile", self.jit_compile,
+                                      distribute.JIT_CHOICES)):
+            if value not in choices:
+                raise ValueError(
+                    f"{name}={value!r} is not supported; expected one of {choices}."
+                )
         models.check_arguments(2, {"tile": self.tile}, dict(
             n_label=self.n_label or 1, depth=self.depth, features=self.features,
             data_format=self.data_format, in_channels=1, output_activation="sigmoid",
@@ -232,8 +247,11 @@ def load_data(config):
                            seed=config.seed)
 
 
-def build_model(config, dataset):
-    """The `att_unet` of a run, compiled with its loss, Adam and Dice/IoU metrics."""
+def build_model(config, dataset, jit_compile="auto"):
+    """The `att_unet` of a run, compiled with its loss, Adam and Dice/IoU metrics.
+
+    Call it inside `strategy.scope()` and under the run's dtype policy.
+    """
     from attunet_keras import models
 
     height, width = dataset.tile_shape
@@ -250,7 +268,7 @@ def build_model(config, dataset):
         dataset.n_label, dataset.class_names, config.data_format)
     if len(model.outputs) == 1:
         model.compile(optimizer=keras.optimizers.Adam(config.learning_rate), loss=loss,
-                      metrics=metrics)
+                      metrics=metrics, jit_compile=jit_compile)
         return model
     # Deep supervision: outputs [main, dec2 head, dec3 head, ...].
     model.compile(
@@ -258,6 +276,7 @@ def build_model(config, dataset):
         loss=[loss] * len(model.outputs),
         loss_weights=[DEEP_SUPERVISION_DECAY**index for index in range(len(model.outputs))],
         metrics=[metrics] + [[] for _ in model.outputs[1:]],
+        jit_compile=jit_compile,
     )
     return model
 
@@ -282,25 +301,40 @@ def train(config, *, overwrite=False, verbose="auto"):
             finished run (pass `overwrite=True` to start it again from scratch).
         RuntimeError: the loss became NaN (training stops at once).
     """
+    from attunet_keras import distribute
+
     config.validate()
     output = os.path.abspath(config.output)
     resuming = _prepare_output(config, output, overwrite)
     dataset = load_data(config)
-    if config.batch_size > len(dataset.train):
+    strategy = distribute.get_strategy(config.strategy)
+    replicas = strategy.num_replicas_in_sync
+    global_batch = config.batch_size * replicas
+    if global_batch > len(dataset.train):
         raise ValueError(
-            f"batch_size={config.batch_size} is larger than the {len(dataset.train)} "
-            "training tiles."
+            f"the global batch ({config.batch_size} per replica x {replicas} replicas = "
+            f"{global_batch}) is larger than the {len(dataset.train)} training tiles."
         )
-    steps = config.steps_per_epoch or math.ceil(len(dataset.train) / config.batch_size)
+    steps = config.steps_per_epoch or math.ceil(len(dataset.train) / global_batch)
+    jit_compile = distribute.resolve_jit_compile(config.jit_compile, strategy)
+    with distribute.precision_policy(config.precision):
+        return _fit(config, output, resuming, dataset, strategy, global_batch, steps,
+                    jit_compile, verbose)
+
+
+def _fit(config, output, resuming, dataset, strategy, global_batch, steps, jit_compile,
+         verbose):
+    from attunet_keras import distribute
 
     keras.utils.set_random_seed(config.seed)
-    model = build_model(config, dataset)
+    with strategy.scope():
+        model = build_model(config, dataset, jit_compile=jit_compile)
     outputs = len(model.outputs)
     train_data = data_lib.make_dataset(
-        dataset.train, dataset.n_label, config.batch_size, training=True,
+        dataset.train, dataset.n_label, global_batch, training=True,
         data_format=config.data_format, seed=config.seed, outputs=outputs)
     val_data = data_lib.make_dataset(
-        dataset.val, dataset.n_label, config.batch_size, training=False,
+        dataset.val, dataset.n_label, global_batch, training=False,
         data_format=config.data_format, outputs=outputs)
     monitor = monitor_name(model)
 
@@ -323,6 +357,9 @@ def train(config, *, overwrite=False, verbose="auto"):
           f"n_label={dataset.n_label} ({dataset.source})")
     print(f"Model att_unet depth={config.depth} features={config.features}: "
           f"{model.count_params():,} parameters; {steps} steps per epoch")
+    print(f"Strategy {distribute.describe(strategy)}; global batch {global_batch} "
+          f"({config.batch_size} per replica); precision {config.precision}; "
+          f"jit_compile {jit_compile}")
     if resuming:
         print(f"Resuming {output} from its backup at epoch {resumed_epoch + 1}")
 
