@@ -87,7 +87,10 @@ def _tpu_strategy(resolver):
 
 def describe(strategy):
     """One line: the strategy's class, its replica count and its devices."""
-    devices = getattr(strategy.extended, "worker_devices", None) or ["(default device)"]
+    try:
+        devices = list(strategy.extended.worker_devices)
+    except RuntimeError:  # the default strategy has no device list
+        devices = ["the default device"]
     return (f"{type(strategy).__name__}: {strategy.num_replicas_in_sync} replica(s) on "
             f"{', '.join(devices)}")
 

@@ -83,6 +83,8 @@ def test_two_cpu_replicas_train_like_one_device(mirrored_report, loss_name):
 
 def test_strategies_by_name():
     assert distribute.get_strategy("default") is tf.distribute.get_strategy()
+    assert distribute.describe(tf.distribute.get_strategy()) == (
+        "_DefaultDistributionStrategy: 1 replica(s) on the default device")
     # no GPU and no TPU here: auto is the default strategy
     assert distribute.get_strategy("auto").num_replicas_in_sync == 1
     one = distribute.get_strategy("one_device")
