@@ -80,19 +80,24 @@ class ResumableBackup(keras.callbacks.Callback):
             self._save(epoch=epoch + 1, step=0)
 
     def _save(self, epoch, step):
-        staging = os.path.join(self.backup_dir, "staging")
-        state = os.path.join(self.backup_dir, _STATE)
-        retired = os.path.join(self.backup_dir, "retired")
-        shutil.rmtree(staging, ignore_errors=True)
-        os.makedirs(staging)
-        self.model.save_weights(os.path.join(staging, _WEIGHTS))
-        with open(os.path.join(staging, _PROGRESS), "w") as file:
-            json.dump({"epoch": epoch, "step": step}, file)
-        shutil.rmtree(retired, ignore_errors=True)
-        if os.path.isdir(state):
-            os.rename(state, retired)
-        os.rename(staging, state)
-        shutil.rmtree(retired, ignore_errors=True)
+        save_backup(self.model, self.backup_dir, epoch, step)
+
+
+def save_backup(model, backup_dir, epoch, step):
+    """Writes a complete backup (weights, optimizer state, progress), then swaps it in."""
+    staging = os.path.join(backup_dir, "staging")
+    state = os.path.join(backup_dir, _STATE)
+    retired = os.path.join(backup_dir, "retired")
+    shutil.rmtree(staging, ignore_errors=True)
+    os.makedirs(staging)
+    model.save_weights(os.path.join(staging, _WEIGHTS))
+    with open(os.path.join(staging, _PROGRESS), "w") as file:
+        json.dump({"epoch": epoch, "step": step}, file)
+    shutil.rmtree(retired, ignore_errors=True)
+    if os.path.isdir(state):
+        os.rename(state, retired)
+    os.rename(staging, state)
+    shutil.rmtree(retired, ignore_errors=True)
 
 
 def _finite(logs):
@@ -305,7 +310,11 @@ def train(config, *, overwrite=False, verbose="auto"):
 
     config.validate()
     output = os.path.abspath(config.output)
-    resuming = _prepare_output(config, output, overwrite)
+    if config.strategy == "multiworker":
+        from attunet_keras import multiworker
+
+        return multiworker.train(config, overwrite=overwrite, verbose=verbose)
+    resuming = prepare_output(config, output, overwrite)
     dataset = load_data(config)
     strategy = distribute.get_strategy(config.strategy)
     replicas = strategy.num_replicas_in_sync
@@ -340,7 +349,7 @@ def _fit(config, output, resuming, dataset, strategy, global_batch, steps, jit_c
 
     backup_dir = os.path.join(output, BACKUP_DIR)
     resumed_epoch = restore_backup(model, backup_dir) if resuming else 0
-    best_so_far = _trim_log(os.path.join(output, LOG_FILE), resumed_epoch, monitor)
+    best_so_far = trim_log(os.path.join(output, LOG_FILE), resumed_epoch, monitor)
     callbacks = [
         keras.callbacks.TerminateOnNaN(),
         keras.callbacks.CSVLogger(os.path.join(output, LOG_FILE), append=True),
@@ -377,12 +386,12 @@ def _fit(config, output, resuming, dataset, strategy, global_batch, steps, jit_c
         )
     model.save(os.path.join(output, LAST_MODEL))
     result = evaluate_run(output, dataset=dataset)
-    _write_json(os.path.join(output, RESULT_FILE), result)
+    write_json(os.path.join(output, RESULT_FILE), result)
     shutil.rmtree(backup_dir, ignore_errors=True)
     return result
 
 
-def _prepare_output(config, output, overwrite):
+def prepare_output(config, output, overwrite):
     """Creates the run folder; True when an interrupted run of `config` is resumed."""
     config_path = os.path.join(output, CONFIG_FILE)
     if overwrite and os.path.isdir(output):
@@ -415,11 +424,11 @@ def _prepare_output(config, output, overwrite):
             )
         return backup_progress(os.path.join(output, BACKUP_DIR)) is not None
     os.makedirs(output, exist_ok=True)
-    _write_json(config_path, config.to_json())
+    write_json(config_path, config.to_json())
     return False
 
 
-def _trim_log(log_path, first_epoch, monitor):
+def trim_log(log_path, first_epoch, monitor):
     """Drops log rows of epochs that will run again; returns the best `monitor` kept."""
     if not os.path.isfile(log_path):
         return None
@@ -437,7 +446,7 @@ def _trim_log(log_path, first_epoch, monitor):
     return max(scores) if scores else None
 
 
-def _write_json(path, values):
+def write_json(path, values):
     temporary = f"{path}.tmp"
     with open(temporary, "w") as file:
         json.dump(values, file, indent=2)
@@ -475,6 +484,11 @@ def evaluate_run(run_dir, *, dataset=None, model=None):
     config = read_config(run_dir)
     dataset = dataset or load_data(config)
     model = model or load_run_model(run_dir)
+    return evaluate_model(model, dataset, config)
+
+
+def evaluate_model(model, dataset, config):
+    """Held-out Dice and IoU of `model` on `dataset`, next to the Otsu baseline."""
     val_data = data_lib.make_dataset(
         dataset.val, dataset.n_label, config.batch_size, training=False,
         data_format=config.data_format)

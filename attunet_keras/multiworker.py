@@ -1,0 +1,194 @@
+"""Multi-worker training with MultiWorkerMirroredStrategy and a custom training step.
+
+Keras 3's `fit` fails under `MultiWorkerMirroredStrategy` (keras-team/keras#20585), so
+`attunet-keras train --strategy multiworker` runs its own loop instead: the optimizer's
+variables are created before the step is traced, each step runs the model and
+`model.compute_loss` (which divides the loss by the replica count) under
+`strategy.run`, and the Keras optimizer sums the gradients across workers. The run
+folder is the same as for `fit`: worker 0 (the chief) writes the log, the best
+checkpoint, the resumable backups and the result; every worker also writes its final
+weights to `workers/worker{index}.weights.h5`.
+
+Start one process per worker with the same command and a `TF_CONFIG` naming the
+cluster and that process's index, e.g. for two workers on one machine:
+
+    TF_CONFIG='{"cluster": {"worker": ["localhost:12345", "localhost:12346"]},
+                "task": {"type": "worker", "index": 0}}' attunet-keras train ...
+    TF_CONFIG='{... "task": {"type": "worker", "index": 1}}' attunet-keras train ...
+
+`--batch-size` is per worker replica. When a worker dies, the others stop with an
+error within `COLLECTIVE_TIMEOUT_SECONDS`; starting every worker again with the same
+command resumes from the chief's last backup.
+"""
+
+import csv
+import json
+import os
+import shutil
+
+import keras
+import numpy as np
+
+from attunet_keras import data as data_lib
+from attunet_keras import distribute
+from attunet_keras import training
+
+COLLECTIVE_TIMEOUT_SECONDS = 60
+
+
+def task():
+    """`(type, index)` of this process from `TF_CONFIG`."""
+    try:
+        spec = json.loads(os.environ["TF_CONFIG"])
+        return spec["task"]["type"], int(spec["task"]["index"])
+    except (KeyError, ValueError, TypeError) as error:
+        raise ValueError(
+            "TF_CONFIG must be JSON with 'cluster' and 'task': {'type': 'worker', "
+            f"'index': N}} ({error!r})."
+        ) from error
+
+
+def is_chief(task_type, task_index):
+    return task_type == "chief" or (task_type == "worker" and task_index == 0)
+
+
+def train(config, *, overwrite=False, verbose="auto"):
+    """Trains (or resumes) `config` as one worker of a multi-worker cluster."""
+    import tensorflow as tf
+
+    if "TF_CONFIG" not in os.environ:
+        raise ValueError(
+            "strategy='multiworker' needs the TF_CONFIG environment variable (cluster "
+            "addresses and this worker's index); see attunet_keras.multiworker."
+        )
+    task_type, task_index = task()
+    chief = is_chief(task_type, task_index)
+    output = os.path.abspath(config.output)
+    if chief:
+        resuming = training.prepare_output(config, output, overwrite)
+    else:
+        resuming = training.backup_progress(os.path.join(output, training.BACKUP_DIR)) \
+            is not None
+    dataset = training.load_data(config)
+    strategy = tf.distribute.MultiWorkerMirroredStrategy(
+        communication_options=tf.distribute.experimental.CommunicationOptions(
+            timeout_seconds=COLLECTIVE_TIMEOUT_SECONDS))
+    replicas = strategy.num_replicas_in_sync
+    global_batch = config.batch_size * replicas
+    if global_batch > len(dataset.train):
+        raise ValueError(
+            f"the global batch ({config.batch_size} per replica x {replicas} replicas = "
+            f"{global_batch}) is larger than the {len(dataset.train)} training tiles."
+        )
+    steps = config.steps_per_epoch or -(-len(dataset.train) // global_batch)
+    with distribute.precision_policy(config.precision):
+        try:
+            return _run(config, output, resuming, dataset, strategy, global_batch, steps,
+                        chief, task_index, verbose)
+        except tf.errors.OpError as error:
+            lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+            detail = lines[-1][:300] if lines else ""
+            raise RuntimeError(
+                f"worker {task_index} lost contact with the other workers "
+                f"({type(error).__name__}: {detail}). Start every worker again with "
+                "the same command to resume from the last backup."
+            ) from error
+
+
+def _run(config, output, resuming, dataset, strategy, global_batch, steps, chief,
+         task_index, verbose):
+    import tensorflow as tf
+
+    keras.utils.set_random_seed(config.seed)
+    with strategy.scope():
+        model = training.build_model(config, dataset, jit_compile=False)
+        # Create the optimizer's variables now: they cannot be created inside the
+        # traced, replicated step.
+        model.optimizer.build(model.trainable_variables)
+    outputs = len(model.outputs)
+    backup_dir = os.path.join(output, training.BACKUP_DIR)
+    resumed_epoch = training.restore_backup(model, backup_dir) if resuming else 0
+    log_path = os.path.join(output, training.LOG_FILE)
+    monitor = training.monitor_name(model)
+    best = training.trim_log(log_path, resumed_epoch, monitor) if chief else None
+
+    def dataset_fn(context):
+        per_replica = context.get_per_replica_batch_size(global_batch)
+        start = context.input_pipeline_id * per_replica
+        batches = data_lib.make_dataset(
+            dataset.train, dataset.n_label, global_batch, training=True,
+            data_format=config.data_format, seed=config.seed, outputs=outputs)
+        # Every worker reads the same global batches and keeps its own slice.
+        return batches.map(lambda images, targets: tf.nest.map_structure(
+            lambda tensor: tensor[start:start + per_replica], (images, targets)))
+
+    iterator = iter(strategy.distribute_datasets_from_function(dataset_fn))
+
+    @tf.function
+    def train_step(iterator):
+        def step(images, targets):
+            with tf.GradientTape() as tape:
+                predictions = model(images, training=True)
+                loss = model.compute_loss(x=images, y=targets, y_pred=predictions,
+                                          training=True)
+                scaled = model.optimizer.scale_loss(loss)
+            gradients = tape.gradient(scaled, model.trainable_variables)
+            model.optimizer.apply_gradients(zip(gradients, model.trainable_variables))
+            return loss
+
+        per_replica_loss = strategy.run(step, args=next(iterator))
+        return strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica_loss, axis=None)
+
+    say = print if chief and verbose != 0 else (lambda *args, **kwargs: None)
+    say(f"Dataset {dataset.name}: {len(dataset.train)} training tiles, "
+        f"{len(dataset.val)} held-out tiles of {dataset.tile_shape}")
+    say(f"Strategy {distribute.describe(strategy)}; global batch {global_batch} "
+        f"({config.batch_size} per replica); precision {config.precision}")
+    if resuming:
+        print(f"Worker {task_index}: resuming {output} from its backup at epoch "
+              f"{resumed_epoch + 1}")
+    for epoch in range(resumed_epoch, config.epochs):
+        losses = []
+        for step_index in range(steps):
+            loss = float(train_step(iterator))
+            if not np.isfinite(loss):
+                raise RuntimeError(
+                    f"training stopped: the loss became NaN in epoch {epoch + 1}; lower "
+                    f"--learning-rate (was {config.learning_rate})."
+                )
+            losses.append(loss)
+            if chief and (step_index + 1) % config.backup_every == 0:
+                training.save_backup(model, backup_dir, epoch, step_index + 1)
+        scores = training.evaluate_model(model, dataset, config)["model"]
+        row = {"epoch": epoch, "loss": float(np.mean(losses))}
+        row.update({f"val_{name}": value for name, value in scores.items()})
+        say(f"Epoch {epoch + 1}/{config.epochs} - loss {row['loss']:.4f} - "
+            + " - ".join(f"val_{name} {value:.4f}" for name, value in scores.items()))
+        if chief:
+            _append_log(log_path, row)
+            score = row.get(monitor, row.get("val_dice"))
+            if best is None or score > best:
+                best = score
+                model.save(os.path.join(output, training.BEST_MODEL))
+            training.save_backup(model, backup_dir, epoch + 1, 0)
+
+    workers_dir = os.path.join(output, "workers")
+    os.makedirs(workers_dir, exist_ok=True)
+    model.save_weights(os.path.join(workers_dir, f"worker{task_index}.weights.h5"))
+    result = training.evaluate_model(model, dataset, config)
+    if chief:
+        model.save(os.path.join(output, training.LAST_MODEL))
+        best_result = training.evaluate_run(output, dataset=dataset)
+        training.write_json(os.path.join(output, training.RESULT_FILE), best_result)
+        shutil.rmtree(backup_dir, ignore_errors=True)
+        return best_result
+    return result
+
+
+def _append_log(path, row):
+    new = not os.path.isfile(path) or os.path.getsize(path) == 0
+    with open(path, "a", newline="") as file:
+        writer = csv.DictWriter(file, fieldnames=list(row))
+        if new:
+            writer.writeheader()
+        writer.writerow(row)

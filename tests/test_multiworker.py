@@ -1,0 +1,131 @@
+"""Multi-worker training with two real worker processes on localhost."""
+
+import csv
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from attunet_keras import training
+
+SETTINGS = ["--dataset", "nuclei", "--depth", "2", "--features", "4", "--tile", "64",
+            "--dropout", "0", "--loss", "bce", "--learning-rate", "0.01", "--seed", "0"]
+
+
+def _free_ports(count):
+    sockets = [socket.socket() for _ in range(count)]
+    for sock in sockets:
+        sock.bind(("localhost", 0))
+    ports = [sock.getsockname()[1] for sock in sockets]
+    for sock in sockets:
+        sock.close()
+    return ports
+
+
+def _start_workers(output, extra, ports):
+    script = os.path.join(os.path.dirname(sys.executable), "attunet-keras")
+    processes = []
+    for index in range(2):
+        tf_config = {"cluster": {"worker": [f"localhost:{port}" for port in ports]},
+                     "task": {"type": "worker", "index": index}}
+        environment = dict(os.environ, TF_CONFIG=json.dumps(tf_config),
+                           TF_CPP_MIN_LOG_LEVEL="2")
+        processes.append(subprocess.Popen(
+            [script, "train", "--output", str(output), "--strategy", "multiworker",
+             "--batch-size", "2", *SETTINGS, *extra],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=environment))
+    return processes
+
+
+def _finish(processes, timeout=300):
+    outputs = []
+    for process in processes:
+        try:
+            out, _ = process.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            out, _ = process.communicate()
+        outputs.append(out)
+    return outputs
+
+
+def _weights(config, path):
+    dataset = training.load_data(config)
+    model = training.build_model(config, dataset)
+    model.optimizer.build(model.trainable_variables)
+    model.load_weights(path)
+    return model.get_weights()
+
+
+def test_two_workers_end_with_the_weights_of_one_process(tmp_path):
+    extra = ["--epochs", "2", "--steps-per-epoch", "3"]
+    processes = _start_workers(tmp_path / "multi", extra, _free_ports(2))
+    outputs = _finish(processes)
+    assert [p.returncode for p in processes] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
+    assert "2 replica(s)" in outputs[0]
+
+    # The same run in one process, with the same global batch (2 workers x 2).
+    single = training.TrainConfig(
+        dataset="nuclei", output=str(tmp_path / "single"), epochs=2, steps_per_epoch=3,
+        batch_size=4, depth=2, features=4, tile=64, dropout=0.0, loss="bce",
+        learning_rate=0.01, seed=0, strategy="default")
+    training.train(single, verbose=0)
+    import keras
+
+    expected = keras.saving.load_model(tmp_path / "single" / "last.keras").get_weights()
+    worker0 = _weights(single, tmp_path / "multi" / "workers" / "worker0.weights.h5")
+    worker1 = _weights(single, tmp_path / "multi" / "workers" / "worker1.weights.h5")
+    for a, b, c in zip(worker0, worker1, expected):
+        np.testing.assert_array_equal(a, b)
+        np.testing.assert_allclose(a, c, atol=1e-5)
+    assert not np.allclose(worker0[1], 0.0)
+    assert (tmp_path / "multi" / "result.json").is_file()
+
+
+def test_a_killed_worker_stops_the_other_and_both_resume(tmp_path):
+    output = tmp_path / "run"
+    extra = ["--epochs", "3", "--steps-per-epoch", "12", "--backup-every", "1"]
+    chief, worker = _start_workers(output, extra, _free_ports(2))
+    deadline = time.time() + 240
+    try:
+        while time.time() < deadline:
+            progress = training.backup_progress(str(output / "backup"))
+            if progress and progress["epoch"] >= 1 and progress["step"] >= 2:
+                break
+            if chief.poll() is not None or worker.poll() is not None:
+                pytest.fail("a worker ended before the kill:\n" + _finish([chief])[0][-2000:])
+            time.sleep(0.05)
+        else:
+            pytest.fail("no backup in the second epoch appeared in time")
+        worker.send_signal(signal.SIGKILL)
+        killed_at = time.time()
+        chief_output = _finish([chief], timeout=180)[0]
+    finally:
+        for process in (chief, worker):
+            if process.poll() is None:
+                process.kill()
+            process.wait()
+
+    assert chief.returncode == 2, chief_output[-3000:]
+    assert "worker 0 lost contact with the other workers" in chief_output
+    assert "Start every worker again with the same command" in chief_output
+    assert time.time() - killed_at < 150
+    resume_epoch = training.backup_progress(str(output / "backup"))["epoch"]
+    assert resume_epoch >= 1
+
+    processes = _start_workers(output, extra, _free_ports(2))
+    outputs = _finish(processes)
+    assert [p.returncode for p in processes] == [0, 0], outputs[0][-3000:]
+    for index, text in enumerate(outputs):
+        assert f"Worker {index}: resuming {output} from its backup at epoch " \
+               f"{resume_epoch + 1}" in text
+    assert "Epoch 1/3" not in outputs[0]
+    with open(output / "log.csv") as file:
+        assert [row["epoch"] for row in csv.DictReader(file)] == ["0", "1", "2"]
+    assert (output / "result.json").is_file() and not (output / "backup").exists()
