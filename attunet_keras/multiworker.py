@@ -73,14 +73,7 @@ def train(config, *, overwrite=False, verbose="auto"):
     strategy = tf.distribute.MultiWorkerMirroredStrategy(
         communication_options=tf.distribute.experimental.CommunicationOptions(
             timeout_seconds=COLLECTIVE_TIMEOUT_SECONDS))
-    replicas = strategy.num_replicas_in_sync
-    global_batch = config.batch_size * replicas
-    if global_batch > len(dataset.train):
-        raise ValueError(
-            f"the global batch ({config.batch_size} per replica x {replicas} replicas = "
-            f"{global_batch}) is larger than the {len(dataset.train)} training tiles."
-        )
-    steps = config.steps_per_epoch or -(-len(dataset.train) // global_batch)
+    global_batch, steps = training.batching(config, strategy, dataset)
     with distribute.precision_policy(config.precision):
         try:
             return _run(config, output, resuming, dataset, strategy, global_batch, steps,

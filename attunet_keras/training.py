@@ -317,6 +317,15 @@ def train(config, *, overwrite=False, verbose="auto"):
     resuming = prepare_output(config, output, overwrite)
     dataset = load_data(config)
     strategy = distribute.get_strategy(config.strategy)
+    global_batch, steps = batching(config, strategy, dataset)
+    jit_compile = distribute.resolve_jit_compile(config.jit_compile, strategy)
+    with distribute.precision_policy(config.precision):
+        return _fit(config, output, resuming, dataset, strategy, global_batch, steps,
+                    jit_compile, verbose)
+
+
+def batching(config, strategy, dataset):
+    """`(global batch, steps per epoch)`: per-replica batch x replicas, one pass by default."""
     replicas = strategy.num_replicas_in_sync
     global_batch = config.batch_size * replicas
     if global_batch > len(dataset.train):
@@ -324,11 +333,7 @@ def train(config, *, overwrite=False, verbose="auto"):
             f"the global batch ({config.batch_size} per replica x {replicas} replicas = "
             f"{global_batch}) is larger than the {len(dataset.train)} training tiles."
         )
-    steps = config.steps_per_epoch or math.ceil(len(dataset.train) / global_batch)
-    jit_compile = distribute.resolve_jit_compile(config.jit_compile, strategy)
-    with distribute.precision_policy(config.precision):
-        return _fit(config, output, resuming, dataset, strategy, global_batch, steps,
-                    jit_compile, verbose)
+    return global_batch, config.steps_per_epoch or math.ceil(len(dataset.train) / global_batch)
 
 
 def _fit(config, output, resuming, dataset, strategy, global_batch, steps, jit_compile,

@@ -22,10 +22,11 @@ Writes JSON (`--output`) and prints a Markdown table.
 import argparse
 import json
 import os
-import platform
 import time
 
 import numpy as np
+
+from machine import machine
 
 COMPUTE_DTYPES = {"float32": "float32", "mixed_float16": "float16",
                   "mixed_bfloat16": "bfloat16"}
@@ -172,24 +173,6 @@ def bench_case(size, data_format, precision, batch, steps, repeats):
     results["library_vs_plain_infer"] = (results["library"]["infer_images_per_s"]
                                          / results["plain"]["infer_images_per_s"])
     return results
-
-
-def machine():
-    import keras
-    import tensorflow as tf
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as file:
-            cpu = next(line.split(":", 1)[1].strip() for line in file
-                       if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    gpus = [tf.config.experimental.get_device_details(gpu).get("device_name", gpu.name)
-            for gpu in tf.config.list_physical_devices("GPU")]
-    return {"cpu": cpu, "cpu_cores": os.cpu_count(), "gpus": gpus,
-            "device": "GPU" if gpus else "CPU", "python": platform.python_version(),
-            "tensorflow": tf.__version__, "keras": keras.__version__}
 
 
 def main(argv=None):

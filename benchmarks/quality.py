@@ -15,26 +15,13 @@ training on 2 cores.
 import argparse
 import json
 import os
-import platform
 import shutil
 import sys
 import time
 
+from machine import machine
+
 TARGETS = {"nuclei": 0.92, "brain": 0.88}
-
-
-def machine():
-    import tensorflow as tf
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as file:
-            cpu = next(line.split(":", 1)[1].strip() for line in file
-                       if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(),
-            "tensorflow": tf.__version__, "keras": __import__("keras").__version__}
 
 
 def main(argv=None):
