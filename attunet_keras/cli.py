@@ -341,10 +341,13 @@ def _plot(args):
     model = _load_or_build(args)
 
     def draw(splines):
-        keras.utils.plot_model(
-            model, to_file=args.output, show_shapes=True, show_layer_names=True,
-            rankdir=args.rankdir, dpi=args.dpi, splines=splines,
+        # What plot_model does, without its IPython display step, which fails for
+        # .svg and .dot files whenever IPython is installed.
+        graph = keras.utils.model_to_dot(
+            model, show_shapes=True, show_layer_names=True, rankdir=args.rankdir,
+            dpi=args.dpi, splines=splines,
         )
+        graph.write(args.output, format=os.path.splitext(args.output)[1][1:].lower())
 
     try:
         draw(args.splines)
