@@ -132,17 +132,28 @@ def build_parser():
 
     export = commands.add_parser(
         "export", parents=[model_options],
-        help="export a TensorFlow SavedModel, reload it and check its outputs",
+        help="export to SavedModel (TF Serving), ONNX or LiteRT, reloaded and checked",
         description=(
-            "Export a SavedModel (model.export) with a 'serve' endpoint, reload it "
-            "with tf.saved_model.load and compare it with the Keras model on a random "
-            "batch. It is written beside DIR and renamed into place only once checked."
+            "Export the model, reload the export and compare it with Keras on a random "
+            "batch. savedmodel: TF Serving's layout OUTPUT/1/ with the signatures "
+            "'probabilities' (= serving_default) and 'mask' (uint8). onnx: an .onnx "
+            "file (needs tf2onnx; checked with onnxruntime when installed). litert: a "
+            ".tflite file, float32 or --quantize int8 (calibrated on the training "
+            "tiles of --run). Every export is written beside OUTPUT and renamed into "
+            "place only when complete and checked."
         ),
     )
-    export.add_argument("--output", required=True, metavar="DIR",
-                        help="SavedModel folder to create")
+    export.add_argument("--output", required=True, metavar="PATH",
+                        help="folder (savedmodel), .onnx or .tflite file to create")
+    export.add_argument("--format", choices=("savedmodel", "onnx", "litert"),
+                        default="savedmodel", help="export format (default: savedmodel)")
+    export.add_argument("--quantize", choices=("int8",), default=None,
+                        help="LiteRT only: int8 post-training quantization")
+    export.add_argument("--threshold", type=float, default=0.5,
+                        help="threshold of the SavedModel's mask signature for sigmoid "
+                             "outputs (default: 0.5)")
     export.add_argument("--overwrite", action="store_true",
-                        help="replace DIR when it exists")
+                        help="replace OUTPUT when it exists")
     export.add_argument("--seed", type=int, default=0,
                         help="seed of the random check batch (default: 0)")
 
@@ -371,18 +382,47 @@ def _plot(args):
 def _export(args):
     from attunet_keras import export
 
-    _check_output(args)
+    _check_output(args, {"onnx": (".onnx",), "litert": (".tflite",)}.get(args.format))
+    if args.quantize and args.format != "litert":
+        raise ValueError("--quantize int8 applies to --format litert only.")
+    if args.quantize and not args.run:
+        raise ValueError(
+            "--quantize int8 needs --run DIR: the run's training tiles calibrate it."
+        )
     model = _load_or_build(args)
     sample = _check_batch(model, args.seed)
-    max_diff = export.export_saved_model(
-        model, args.output, sample=sample, overwrite=args.overwrite
+    representative = _representative_images(args) if args.quantize else None
+    max_diff = export.export_model(
+        model, args.output, format=args.format, quantize=args.quantize,
+        representative=representative, sample=sample, threshold=args.threshold,
+        overwrite=args.overwrite,
     )
-    outputs = ", ".join(str(tuple(output.shape)) for output in model.outputs)
-    print(f"Wrote SavedModel {args.output} (endpoint 'serve', input "
-          f"{tuple(model.inputs[0].shape)}, output {outputs})")
-    print(f"Reloaded and checked on a batch of {sample.shape}: "
-          f"max |serve - predict| = {max_diff:.3g}")
+    what = {"savedmodel": "SavedModel (signatures probabilities, mask)",
+            "onnx": "ONNX model", "litert": "LiteRT model"}[args.format]
+    print(f"Wrote {what} {args.output} (input {tuple(model.inputs[0].shape)}"
+          f"{', int8' if args.quantize else ''})")
+    if max_diff is not None:
+        print(f"Reloaded and checked on a batch of {sample.shape}: "
+              f"max |export - keras| = {max_diff:.3g}")
+    elif args.quantize:
+        print("int8 outputs differ from float32 by design; benchmarks/deploy.py "
+              "measures the Dice it keeps.")
     return 0
+
+
+def _representative_images(args, count=64):
+    """Up to `count` training tiles of the run, in the model's layout."""
+    import numpy as np
+
+    from attunet_keras import training
+
+    config = training.read_config(args.run)
+    tiles = training.load_data(config).train.images
+    chosen = np.random.default_rng(args.seed).permutation(len(tiles))[:count]
+    images = tiles[np.sort(chosen)]
+    if config.data_format == "channels_first":
+        images = np.transpose(images, (0, 3, 1, 2))
+    return images
 
 
 def _train(args):

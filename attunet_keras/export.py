@@ -1,37 +1,41 @@
-"""Exporting a model to a TensorFlow SavedModel, atomically and checked."""
+"""Exports: SavedModel (plain, and TF Serving's layout with two signatures), ONNX, LiteRT.
 
+Every export is written beside its target and renamed into place only once it is
+complete and checked, so a failed or killed export never leaves a half-written model
+at the target, and an existing target is replaced only when asked (`overwrite`).
+
+- `export_saved_model(model, path)`: `model.export` (endpoint `serve`), checked.
+- `export_serving(model, path)`: TF Serving's versioned layout `path/1/` with the
+  signatures `probabilities` (also `serving_default`) and `mask` (uint8: a threshold
+  for one sigmoid channel per label, argmax over softmax classes); batch and free
+  spatial sizes stay dynamic; inputs of the wrong rank or channel count fail with a
+  message naming what is expected.
+- `export_onnx(model, path)`: ONNX through tf2onnx (the `onnx` extra), checked with
+  ONNX Runtime when it is installed.
+- `export_litert(model, path, quantize=None | "int8", representative=...)`: a `.tflite`
+  file, float32, or with int8 post-training quantization calibrated on a
+  representative set of training images (float32 input and output).
+"""
+
+import contextlib
 import os
 import shutil
 import tempfile
 
 import numpy as np
 
+FORMATS = ("savedmodel", "onnx", "litert")
+QUANTIZATIONS = (None, "int8")
+SERVING_VERSION = "1"
 
-def export_saved_model(model, path, *, sample=None, overwrite=False, atol=1e-5):
-    """Exports `model` as a SavedModel at `path`, checked and renamed into place.
 
-    The SavedModel is written to a temporary folder beside `path`; when `sample` is
-    given it is reloaded with `tf.saved_model.load` and its `serve` endpoint is compared
-    with `model.predict` on `sample`. Only then is it renamed to `path`, so a failed or
-    interrupted export never leaves a half-written model at `path`.
+# ------------------------------------------------------------------ atomic writing
 
-    Args:
-        model: keras.Model. The model to export.
-        path: str or path-like. The SavedModel folder to create.
-        sample: array or None. A batch to check the reloaded model on. Defaults to
-            `None` (no check).
-        overwrite: bool. Replace an existing `path`. Defaults to `False`.
-        atol: float. Largest absolute difference accepted by the check.
-            Defaults to 1e-5.
 
-    Returns:
-        The largest absolute difference between `serve(sample)` and
-        `model.predict(sample)`, or `None` when no sample was given.
-
-    Raises:
-        FileExistsError: `path` exists and `overwrite` is False.
-        AssertionError: the reloaded model's output differs by more than `atol`.
-    """
+@contextlib.contextmanager
+def _staged(path, overwrite):
+    """Yields a staging folder beside `path`; the caller leaves its result there as
+    `staging/<basename of path>`, which replaces `path` only when the block succeeds."""
     path = os.path.abspath(os.fspath(path))
     if os.path.lexists(path) and not overwrite:
         raise FileExistsError(
@@ -43,40 +47,18 @@ def export_saved_model(model, path, *, sample=None, overwrite=False, atol=1e-5):
     staging = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.", dir=parent)
     try:
         _chmod_as_umask(staging)
-        model.export(staging, format="tf_saved_model", verbose=False)
-        max_diff = None
-        if sample is not None:
-            max_diff = saved_model_max_diff(model, staging, sample)
-            if not max_diff <= atol:
-                raise AssertionError(
-                    f"the reloaded SavedModel differs from the Keras model by "
-                    f"{max_diff:.3g} (> atol={atol:g}); nothing was written to {path}."
-                )
-        _replace_dir(staging, path)
-    except BaseException:
+        result = os.path.join(staging, os.path.basename(path))
+        yield result
+        if os.path.isdir(result):
+            _chmod_as_umask(result)
+        _replace(result, path)
+    finally:
         shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return max_diff
 
 
-def saved_model_max_diff(model, path, sample):
-    """Reloads the SavedModel at `path`; the largest |serve(sample) - predict(sample)|."""
-    import tensorflow as tf
-
-    reloaded = tf.saved_model.load(os.fspath(path))
-    sample = np.asarray(sample, dtype="float32")
-    served = tf.nest.flatten(reloaded.serve(tf.constant(sample)))
-    expected = tf.nest.flatten(model.predict(sample, verbose=0))
-    if len(served) != len(expected):
-        raise AssertionError(
-            f"the SavedModel has {len(served)} outputs, the Keras model {len(expected)}."
-        )
-    return max(float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
-               for a, b in zip(served, expected))
-
-
-def _replace_dir(source, target):
-    """Renames folder `source` to `target`, replacing any `target` only at the end."""
+def _replace(source, target):
+    """Renames `source` to `target`; an existing `target` is moved aside first and
+    removed last, so `target` is never missing a complete version for long."""
     if not os.path.lexists(target):
         os.rename(source, target)
         return
@@ -96,3 +78,335 @@ def _chmod_as_umask(folder):
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(folder, 0o777 & ~umask)
+
+
+def _check_diff(max_diff, atol, what, path):
+    if not max_diff <= atol:
+        raise AssertionError(
+            f"the exported {what} differs from the Keras model by {max_diff:.3g} "
+            f"(> atol={atol:g}); nothing was written to {path}."
+        )
+
+
+def _main_prediction(model, sample):
+    outputs = model.predict(np.asarray(sample, dtype="float32"), verbose=0)
+    return np.asarray(outputs[0] if isinstance(outputs, (list, tuple)) else outputs)
+
+
+# ---------------------------------------------------------------------- SavedModel
+
+
+def export_saved_model(model, path, *, sample=None, overwrite=False, atol=1e-5):
+    """Exports `model` with `model.export` (endpoint `serve`), checked, atomically.
+
+    Args:
+        model: keras.Model. The model to export.
+        path: str or path-like. The SavedModel folder to create.
+        sample: array or None. A batch to check the reloaded model on; `None` skips
+            the check.
+        overwrite: bool. Replace an existing `path`. Defaults to False.
+        atol: float. Largest absolute difference accepted. Defaults to 1e-5.
+
+    Returns:
+        The largest |serve(sample) - predict(sample)|, or None without a sample.
+
+    Raises:
+        FileExistsError: `path` exists and `overwrite` is False.
+        AssertionError: the reloaded model differs by more than `atol`.
+    """
+    with _staged(path, overwrite) as staging:
+        model.export(staging, format="tf_saved_model", verbose=False)
+        max_diff = None
+        if sample is not None:
+            max_diff = saved_model_max_diff(model, staging, sample)
+            _check_diff(max_diff, atol, "SavedModel", path)
+    return max_diff
+
+
+def saved_model_max_diff(model, path, sample):
+    """Reloads the SavedModel at `path`; the largest |serve(sample) - predict(sample)|."""
+    import tensorflow as tf
+
+    reloaded = tf.saved_model.load(os.fspath(path))
+    sample = np.asarray(sample, dtype="float32")
+    served = tf.nest.flatten(reloaded.serve(tf.constant(sample)))
+    expected = tf.nest.flatten(model.predict(sample, verbose=0))
+    if len(served) != len(expected):
+        raise AssertionError(
+            f"the SavedModel has {len(served)} outputs, the Keras model {len(expected)}."
+        )
+    return max(float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
+               for a, b in zip(served, expected))
+
+
+def _layout(model):
+    import keras
+
+    for layer in model.layers:
+        if isinstance(layer, (keras.layers.Conv2D, keras.layers.Conv3D)):
+            return layer.data_format
+    raise ValueError(f"model {model.name!r} has no convolution to read data_format from.")
+
+
+def _mask_rule(model):
+    """`"argmax"` for a softmax (or several logit channels), else `"threshold"`."""
+    import keras
+
+    output_layer = model.get_layer(model.output_names[0])
+    if isinstance(output_layer, keras.layers.Softmax):
+        return "argmax"
+    if isinstance(output_layer, keras.layers.Activation) and output_layer.get_config()[
+            "activation"] == "sigmoid":
+        return "threshold"
+    channels = model.outputs[0].shape[1 if _layout(model) == "channels_first" else -1]
+    return "argmax" if channels > 1 else "logit_threshold"
+
+
+def serving_module(model, threshold=0.5):
+    """A `tf.Module` with the `probabilities` and `mask` functions of `export_serving`."""
+    import tensorflow as tf
+
+    data_format = _layout(model)
+    channel_axis = 1 if data_format == "channels_first" else -1
+    input_shape = list(model.inputs[0].shape)
+    channels = input_shape[channel_axis]
+    rank = len(input_shape)
+    expected = ("(batch, channels, " if data_format == "channels_first" else "(batch, ") + \
+        ", ".join(str(size or "any") for size in (
+            input_shape[2:] if data_format == "channels_first" else input_shape[1:-1])) + \
+        (")" if data_format == "channels_first" else f", {channels})")
+    rule = _mask_rule(model)
+
+    class Serving(tf.Module):
+        def __init__(self):
+            super().__init__()
+            self.model = model
+
+        def _checked(self, images):
+            images = tf.convert_to_tensor(images, tf.float32)
+            right_rank = tf.equal(tf.rank(images), rank)
+            right_channels = tf.cond(
+                right_rank, lambda: tf.equal(tf.shape(images)[channel_axis], channels),
+                lambda: tf.constant(False))
+            check = tf.debugging.Assert(
+                right_channels,
+                [f"attunet_keras: expected a {rank}-D batch of images {expected} with "
+                 f"{channels} channel(s) on axis {channel_axis}; received shape",
+                 tf.shape(images)], summarize=8)
+            with tf.control_dependencies([check]):
+                images = tf.identity(images)
+            return tf.ensure_shape(images, [None] + input_shape[1:])
+
+        def _predict(self, images):
+            outputs = self.model(self._checked(images), training=False)
+            return outputs[0] if isinstance(outputs, (list, tuple)) else outputs
+
+        @tf.function(input_signature=[tf.TensorSpec(None, tf.float32, name="images")])
+        def probabilities(self, images):
+            return {"probabilities": self._predict(images)}
+
+        @tf.function(input_signature=[tf.TensorSpec(None, tf.float32, name="images")])
+        def mask(self, images):
+            prediction = self._predict(images)
+            if rule == "argmax":
+                labels = tf.argmax(prediction, axis=channel_axis)
+                labels = tf.expand_dims(labels, channel_axis)
+            elif rule == "threshold":
+                labels = prediction > threshold
+            else:
+                labels = prediction > 0.0
+            return {"mask": tf.cast(labels, tf.uint8)}
+
+    return Serving()
+
+
+def export_serving(model, path, *, sample=None, threshold=0.5, overwrite=False,
+                   atol=1e-5):
+    """Exports `model` for TF Serving: `path/1/` with `probabilities` and `mask`.
+
+    Returns:
+        The largest |probabilities(sample) - predict(sample)| (None without a sample).
+    """
+    import tensorflow as tf
+
+    module = serving_module(model, threshold)
+    with _staged(path, overwrite) as staging:
+        version = os.path.join(staging, SERVING_VERSION)
+        tf.saved_model.save(module, version, signatures={
+            "serving_default": module.probabilities.get_concrete_function(),
+            "probabilities": module.probabilities.get_concrete_function(),
+            "mask": module.mask.get_concrete_function(),
+        })
+        max_diff = None
+        if sample is not None:
+            reloaded = tf.saved_model.load(version)
+            sample = np.asarray(sample, dtype="float32")
+            served = reloaded.signatures["probabilities"](images=tf.constant(sample))
+            expected = _main_prediction(model, sample)
+            max_diff = float(np.max(np.abs(served["probabilities"].numpy() - expected)))
+            _check_diff(max_diff, atol, "SavedModel", path)
+            mask = reloaded.signatures["mask"](images=tf.constant(sample))["mask"]
+            if mask.dtype != tf.uint8:
+                raise AssertionError(f"the mask signature returned {mask.dtype}, not uint8.")
+    return max_diff
+
+
+# ---------------------------------------------------------------------------- ONNX
+
+
+def export_onnx(model, path, *, sample=None, overwrite=False, atol=1e-4):
+    """Exports `model` to ONNX (tf2onnx); checked with ONNX Runtime when installed.
+
+    Returns:
+        The largest |onnxruntime(sample) - predict(sample)|, or None when there is no
+        sample or ONNX Runtime is not installed.
+    """
+    try:
+        import tf2onnx  # noqa: F401
+    except ImportError as error:
+        raise ValueError(
+            "ONNX export needs tf2onnx: pip install 'attunet_keras[onnx]' "
+            "(tf2onnx and onnxruntime)."
+        ) from error
+    if not str(path).endswith(".onnx"):
+        raise ValueError(f"the ONNX file {path!r} must end in .onnx.")
+    with _staged(path, overwrite) as staging:
+        if sample is not None:
+            model.predict(np.asarray(sample, dtype="float32"), verbose=0)  # builds it
+        else:
+            model.predict(_zeros_like_input(model), verbose=0)
+        model.export(staging, format="onnx", verbose=False)
+        max_diff = None
+        if sample is not None:
+            max_diff = onnx_max_diff(model, staging, sample)
+            if max_diff is not None:
+                _check_diff(max_diff, atol, "ONNX model", path)
+    return max_diff
+
+
+def onnx_max_diff(model, path, sample):
+    try:
+        import onnxruntime
+    except ImportError:
+        return None
+    session = onnxruntime.InferenceSession(os.fspath(path),
+                                           providers=["CPUExecutionProvider"])
+    sample = np.asarray(sample, dtype="float32")
+    output = session.run(None, {session.get_inputs()[0].name: sample})[0]
+    return float(np.max(np.abs(output - _main_prediction(model, sample))))
+
+
+def _zeros_like_input(model):
+    shape = [1] + [16 if size is None else size for size in model.inputs[0].shape[1:]]
+    return np.zeros(shape, dtype="float32")
+
+
+# -------------------------------------------------------------------------- LiteRT
+
+
+def export_litert(model, path, *, quantize=None, representative=None, sample=None,
+                  overwrite=False, atol=1e-4):
+    """Exports `model` to a LiteRT (`.tflite`) file, float32 or int8-quantized.
+
+    Args:
+        model: keras.Model with fixed image sizes (LiteRT needs a static input).
+        path: str. The `.tflite` file.
+        quantize: None or `"int8"`: post-training quantization of weights and
+            activations, calibrated on `representative`; input and output stay float32.
+        representative: array (N, ...) of training images shaped like the model's
+            input. Required with `quantize="int8"`.
+        sample: array or None. A batch to compare the float32 export with Keras.
+        overwrite: bool. Replace an existing file.
+        atol: float. Largest difference accepted for the float32 export.
+
+    Returns:
+        The largest |litert(sample) - predict(sample)| for float32 exports with a
+        sample, else None (an int8 model is judged by its Dice, see the README).
+    """
+    import tensorflow as tf
+
+    if quantize not in QUANTIZATIONS:
+        raise ValueError(f"quantize={quantize!r} is not supported; expected None or 'int8'.")
+    if not str(path).endswith(".tflite"):
+        raise ValueError(f"the LiteRT file {path!r} must end in .tflite.")
+    input_shape = list(model.inputs[0].shape)
+    if any(size is None for size in input_shape[1:]):
+        raise ValueError(
+            f"LiteRT export needs fixed image sizes; the model's input is "
+            f"{tuple(input_shape)}. Build it with sizes (or export a training run)."
+        )
+    if quantize == "int8" and (representative is None or len(representative) == 0):
+        raise ValueError(
+            "int8 quantization needs a representative set of training images "
+            "(representative=...; on the command line, --run DIR provides it)."
+        )
+    options = {}
+    if quantize == "int8":
+        images = np.asarray(representative, dtype="float32")
+
+        def calibration():
+            for image in images:
+                yield [image[None]]
+
+        options = dict(optimizations=[tf.lite.Optimize.DEFAULT],
+                       representative_dataset=calibration,
+                       target_spec={"supported_ops": [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]})
+    with _staged(path, overwrite) as staging:
+        model.export(staging, format="litert", verbose=False,
+                     input_signature=[tf.TensorSpec([1] + input_shape[1:], tf.float32)],
+                     **options)
+        max_diff = None
+        if sample is not None and quantize is None:
+            predicted = litert_predict(staging, sample)
+            max_diff = float(np.max(np.abs(predicted - _main_prediction(model, sample))))
+            _check_diff(max_diff, atol, "LiteRT model", path)
+    return max_diff
+
+
+def litert_interpreter(path, threads=None):
+    """A LiteRT interpreter for `path` (TensorFlow's, with its XNNPACK delegate)."""
+    import warnings
+
+    import tensorflow as tf
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # tf.lite's deprecation notice
+        interpreter = tf.lite.Interpreter(model_path=os.fspath(path), num_threads=threads)
+    interpreter.allocate_tensors()
+    return interpreter
+
+
+def litert_predict(path_or_interpreter, images):
+    """Runs a batch through a single-image LiteRT model, one image at a time."""
+    interpreter = path_or_interpreter
+    if isinstance(interpreter, (str, os.PathLike)):
+        interpreter = litert_interpreter(interpreter)
+    input_index = interpreter.get_input_details()[0]["index"]
+    output_index = interpreter.get_output_details()[0]["index"]
+    outputs = []
+    for image in np.asarray(images, dtype="float32"):
+        interpreter.set_tensor(input_index, image[None])
+        interpreter.invoke()
+        outputs.append(interpreter.get_tensor(output_index)[0].copy())
+    return np.stack(outputs)
+
+
+# --------------------------------------------------------------------------- front
+
+
+def export_model(model, path, *, format="savedmodel", quantize=None, representative=None,
+                 sample=None, threshold=0.5, overwrite=False):
+    """Exports in one of `FORMATS` (SavedModel = TF Serving's layout); see the module."""
+    if format not in FORMATS:
+        raise ValueError(f"format={format!r} is not supported; expected one of {FORMATS}.")
+    if quantize is not None and format != "litert":
+        raise ValueError(
+            f"quantize={quantize!r} applies to LiteRT only; use format='litert'."
+        )
+    if format == "savedmodel":
+        return export_serving(model, path, sample=sample, threshold=threshold,
+                              overwrite=overwrite)
+    if format == "onnx":
+        return export_onnx(model, path, sample=sample, overwrite=overwrite)
+    return export_litert(model, path, quantize=quantize, representative=representative,
+                         sample=sample, overwrite=overwrite)

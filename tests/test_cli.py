@@ -63,8 +63,8 @@ def test_plot_writes_the_image(tmp_path, capsys):
 def test_export_writes_a_checked_saved_model(tmp_path, capsys):
     output = tmp_path / "saved"
     assert cli.main(["export", *TINY, "--img-w", "none", "--output", str(output)]) == 0
-    assert (output / "saved_model.pb").is_file()
-    assert "max |serve - predict|" in capsys.readouterr().out
+    assert (output / "1" / "saved_model.pb").is_file()
+    assert "max |export - keras|" in capsys.readouterr().out
 
 
 def test_export_of_a_saved_keras_model(tmp_path, capsys):
@@ -74,7 +74,7 @@ def test_export_of_a_saved_keras_model(tmp_path, capsys):
     models.att_unet(32, 32, 1, depth=2, features=4).save(path)
     output = tmp_path / "saved"
     assert cli.main(["export", "--model", str(path), "--output", str(output)]) == 0
-    assert (output / "saved_model.pb").is_file()
+    assert (output / "1" / "saved_model.pb").is_file()
 
 
 @pytest.mark.parametrize(
@@ -191,7 +191,7 @@ def test_attention_writes_one_figure(tiny_run, tmp_path, capsys):
 def test_export_of_a_run(tiny_run, tmp_path):
     output = tmp_path / "saved"
     assert cli.main(["export", "--run", str(tiny_run), "--output", str(output)]) == 0
-    assert (output / "saved_model.pb").is_file()
+    assert (output / "1" / "saved_model.pb").is_file()
 
 
 @pytest.mark.parametrize(
@@ -231,4 +231,4 @@ def test_architecture_options_train_end_to_end(tmp_path, capsys):
     assert cli.main(["attention", "--run", str(run), "--output",
                      str(tmp_path / "a.png")]) == 0
     assert cli.main(["export", "--run", str(run), "--output", str(tmp_path / "sm")]) == 0
-    assert "max |serve - predict|" in capsys.readouterr().out
+    assert "max |export - keras|" in capsys.readouterr().out
