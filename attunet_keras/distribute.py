@@ -139,6 +139,24 @@ def set_precision(precision):
     keras.config.set_dtype_policy(precision)
 
 
+def check_precision_on_device(precision, data_format):
+    """Refuses `mixed_float16` training in `channels_first` on a machine without GPUs.
+
+    TensorFlow's CPU float16 convolution gradient supports `channels_last` only
+    ("Conv2DCustomBackpropInputOp only supports NHWC"), so such a run would fail at its
+    first step.
+    """
+    import tensorflow as tf
+
+    if (precision == "mixed_float16" and data_format == "channels_first"
+            and not tf.config.list_physical_devices("GPU")):
+        raise ValueError(
+            "precision='mixed_float16' with data_format='channels_first' cannot train "
+            "on a CPU: TensorFlow's CPU float16 convolution gradient supports "
+            "channels_last only. Use data_format='channels_last', or mixed_bfloat16."
+        )
+
+
 def resolve_jit_compile(jit_compile, strategy):
     """`jit_compile` for `model.compile`: `"auto"` is off under several replicas.
 

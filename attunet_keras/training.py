@@ -309,6 +309,7 @@ def train(config, *, overwrite=False, verbose="auto"):
     from attunet_keras import distribute
 
     config.validate()
+    distribute.check_precision_on_device(config.precision, config.data_format)
     output = os.path.abspath(config.output)
     if config.strategy == "multiworker":
         from attunet_keras import multiworker

@@ -199,8 +199,17 @@ def main(argv=None):
     for size in args.sizes:
         for layout in args.layouts:
             for precision in args.precisions:
-                case = bench_case(size, layout, precision, args.batch, args.steps,
-                                  args.repeats)
+                try:
+                    case = bench_case(size, layout, precision, args.batch, args.steps,
+                                      args.repeats)
+                except Exception as error:  # record what cannot run on this device
+                    message = str(error).strip().splitlines()
+                    report["cases"].append(dict(size=size, layout=layout,
+                                                precision=precision,
+                                                error=f"{type(error).__name__}: "
+                                                      f"{message[-1] if message else ''}"))
+                    print(json.dumps(report["cases"][-1]), flush=True)
+                    continue
                 ceiling = report["ceiling"][COMPUTE_DTYPES[precision]]
                 case.update(size=size, layout=layout, precision=precision,
                             train_vs_ceiling=case["library"]["train_conv_gflops"] / ceiling,
@@ -216,6 +225,10 @@ def main(argv=None):
           "(x ceiling) |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
     for case in report["cases"]:
+        if "error" in case:
+            print(f"| {case['size']} | {case['layout']} | {case['precision']} | "
+                  f"fails: {case['error'][:80]} | | | |")
+            continue
         lib, plain = case["library"], case["plain"]
         print(f"| {case['size']} | {case['layout']} | {case['precision']} | "
               f"{lib['train_images_per_s']:.2f} / {plain['train_images_per_s']:.2f} "

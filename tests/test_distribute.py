@@ -150,3 +150,15 @@ def test_jit_compile_is_off_under_several_replicas():
     assert distribute.resolve_jit_compile("off", None) is False
     with pytest.raises(ValueError, match="jit_compile='yes' is not supported"):
         distribute.resolve_jit_compile("yes", None)
+
+
+def test_float16_channels_first_training_is_refused_on_a_cpu(tmp_path):
+    from attunet_keras import training
+
+    config = training.TrainConfig(dataset="nuclei", output=str(tmp_path / "run"),
+                                  precision="mixed_float16", data_format="channels_first",
+                                  epochs=1, steps_per_epoch=1, depth=2, features=4,
+                                  tile=64)
+    with pytest.raises(ValueError, match="cannot train on a CPU.*channels_last only"):
+        training.train(config, verbose=0)
+    assert not (tmp_path / "run").exists()
