@@ -528,11 +528,11 @@ def _check_batch(model, seed):
     An unknown spatial size becomes the smallest multiple of 2**pooling levels that
     is at least 64.
     """
-    import keras
     import numpy as np
 
-    pools = sum(isinstance(layer, keras.layers.MaxPooling2D) for layer in model.layers)
-    multiple = 2**pools
+    from attunet_keras import inference
+
+    multiple = 2 ** inference.pooling_levels(model)
     free_size = multiple * max(1, -(-64 // multiple))
     shape = [2] + [free_size if size is None else size for size in model.input.shape[1:]]
     return np.random.default_rng(seed).random(shape, dtype="float32")

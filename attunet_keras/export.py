@@ -24,6 +24,8 @@ import tempfile
 
 import numpy as np
 
+from attunet_keras import inference
+
 FORMATS = ("savedmodel", "onnx", "litert")
 QUANTIZATIONS = (None, "int8")
 SERVING_VERSION = "1"
@@ -139,15 +141,6 @@ def saved_model_max_diff(model, path, sample):
                for a, b in zip(served, expected))
 
 
-def _layout(model):
-    import keras
-
-    for layer in model.layers:
-        if isinstance(layer, (keras.layers.Conv2D, keras.layers.Conv3D)):
-            return layer.data_format
-    raise ValueError(f"model {model.name!r} has no convolution to read data_format from.")
-
-
 def _mask_rule(model):
     """`"argmax"` for a softmax (or several logit channels), else `"threshold"`."""
     import keras
@@ -158,7 +151,8 @@ def _mask_rule(model):
     if isinstance(output_layer, keras.layers.Activation) and output_layer.get_config()[
             "activation"] == "sigmoid":
         return "threshold"
-    channels = model.outputs[0].shape[1 if _layout(model) == "channels_first" else -1]
+    channels_first = inference.model_data_format(model) == "channels_first"
+    channels = model.outputs[0].shape[1 if channels_first else -1]
     return "argmax" if channels > 1 else "logit_threshold"
 
 
@@ -166,7 +160,7 @@ def serving_module(model, threshold=0.5):
     """A `tf.Module` with the `probabilities` and `mask` functions of `export_serving`."""
     import tensorflow as tf
 
-    data_format = _layout(model)
+    data_format = inference.model_data_format(model)
     channel_axis = 1 if data_format == "channels_first" else -1
     input_shape = list(model.inputs[0].shape)
     channels = input_shape[channel_axis]

@@ -21,16 +21,17 @@ def model_data_format(model):
     import keras
 
     for layer in model.layers:
-        if isinstance(layer, keras.layers.Conv2D):
+        if isinstance(layer, (keras.layers.Conv2D, keras.layers.Conv3D)):
             return layer.data_format
-    raise ValueError(f"model {model.name!r} has no Conv2D layer to read data_format from.")
+    raise ValueError(f"model {model.name!r} has no convolution to read data_format from.")
 
 
 def pooling_levels(model):
     """Number of 2x2 max-pooling levels: input sizes must be multiples of 2**levels."""
     import keras
 
-    return sum(isinstance(layer, keras.layers.MaxPooling2D) for layer in model.layers)
+    return sum(isinstance(layer, (keras.layers.MaxPooling2D, keras.layers.MaxPooling3D))
+               for layer in model.layers)
 
 
 def fully_convolutional(model):
