@@ -7,6 +7,7 @@ from keras import layers
 
 from attunet_keras import _validation
 from attunet_keras import blocks
+from attunet_keras import layers as layers_lib
 
 DROPOUT_RATE = 0.2
 OUTPUT_ACTIVATIONS = ("sigmoid", "softmax", None)
@@ -189,7 +190,41 @@ def check_arguments(rank, sizes, options):
     name = options["name"]
     if not isinstance(name, str) or not name:
         raise ValueError(f"name={name!r} is not allowed; expected a non-empty string.")
+    _check_fits_in_memory(rank, depth, features, options["in_channels"])
     return data_format
+
+
+def estimated_parameters(rank, depth, features, in_channels=1):
+    """About how many parameters an `att_unet` of these sizes has (convolutions only).
+
+    Every level k (the bottleneck is level depth + 1) has `features * 2**(k-1)`
+    filters; its encoder block, its decoder block and its up-sampling weigh about four
+    kernel-sized convolutions of that width (the reference model: 7.86e6 for 7,977,941).
+    """
+    kernel = 3**rank
+    total = kernel * in_channels * features
+    for level in range(1, depth + 2):
+        width = features * 2 ** (level - 1)
+        total += 5 * kernel * width * width // 2
+    return total
+
+
+def _check_fits_in_memory(rank, depth, features, in_channels):
+    """Refuses sizes whose float32 weights alone would not fit in this machine's memory."""
+    import os
+
+    try:
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return
+    parameters = estimated_parameters(rank, depth, features, in_channels)
+    if 4 * parameters > memory:
+        raise ValueError(
+            f"depth={depth} with features={features} gives about {parameters:.3g} "
+            f"parameters ({4 * parameters / 2**30:,.0f} GiB of float32 weights), more "
+            f"than this machine's {memory / 2**30:,.0f} GiB of memory; lower depth or "
+            "features (the bottleneck has features * 2**depth filters)."
+        )
 
 
 def _build(rank, sizes, options):
@@ -205,6 +240,8 @@ def _build(rank, sizes, options):
 
     inputs = keras.Input(shape=input_shape, name="image")
     x = inputs
+    if None in spatial:
+        x = layers_lib.SpatialSizeCheck(2**depth, data_format, name="image_size_check")(x)
     skips = []
     for level in range(1, depth + 1):
         x = _conv_block(x, features * 2 ** (level - 1), name=f"enc{level}", **block_options)

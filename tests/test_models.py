@@ -226,3 +226,23 @@ def test_no_output_activation_gives_logits():
 def test_bad_output_activation(kwargs, match):
     with pytest.raises(ValueError, match=match):
         models.att_unet(32, 32, 1, depth=2, features=4, **kwargs)
+
+
+@pytest.mark.parametrize("size", [30, 18])
+def test_free_size_model_says_the_size_must_be_a_multiple_of_2_to_the_depth(size, data_format):
+    model = models.att_unet(None, None, 1, depth=2, features=4, data_format=data_format)
+    shape = (1, 3, size, 32) if data_format == "channels_first" else (1, size, 32, 3)
+    with pytest.raises(ValueError, match=rf"spatial size \({size}, 32\) must be a multiple "
+                                         r"of 4 \(2\*\*depth\)"):
+        model.predict(np.zeros(shape, "float32"), verbose=0)
+    good = (1, 3, 32, 32) if data_format == "channels_first" else (1, 32, 32, 3)
+    assert model.predict(np.zeros(good, "float32"), verbose=0).shape[0] == 1
+
+
+def test_sizes_that_cannot_fit_in_memory_are_refused_before_building(monkeypatch):
+    monkeypatch.setattr(keras, "Input", lambda *a, **k: pytest.fail("a layer was built"))
+    with pytest.raises(ValueError, match=r"depth=20 with features=64 gives about .* "
+                                         r"parameters .* more than this machine's"):
+        models.att_unet(None, None, 1, depth=20, features=64)
+    # the estimate, compared with the reference summary's 7,977,941 parameters
+    assert abs(models.estimated_parameters(2, 4, 32, 3) - 7_977_941) < 0.05 * 7_977_941
