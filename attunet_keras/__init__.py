@@ -1,4 +1,12 @@
-"""attunet_keras: the Attention U-Net for Keras 3."""
+"""attunet_keras: the Attention U-Net for Keras 3.
+
+Importing the package registers every custom object (losses, metrics, layers) with
+Keras, so `keras.saving.load_model("RUN/best.keras")` works after `import attunet_keras`.
+"""
+
+from attunet_keras import layers  # noqa: F401  (registers the custom layers)
+from attunet_keras import losses  # noqa: F401  (registers the custom losses)
+from attunet_keras import metrics  # noqa: F401  (registers the custom metrics)
 
 from attunet_keras.blocks import attention_up_and_concat
 from attunet_keras.blocks import attention_up_and_concat_3d

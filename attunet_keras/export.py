@@ -2,7 +2,15 @@
 
 Every export is written beside its target and renamed into place only once it is
 complete and checked, so a failed or killed export never leaves a half-written model
-at the target, and an existing target is replaced only when asked (`overwrite`).
+at the target, and an existing target is replaced only when asked (`overwrite`) and
+only when it is an export of the same format. A staging folder left behind by a
+killed export is removed by the next export to the same target.
+
+`export_model` (and so the command line) exports `inference.serving_model(model)`
+to SavedModel and ONNX: the main output only (deep-supervision heads are training
+aids), any batch and any image size (padded to a multiple of `2**depth` by reflection
+and cropped back inside the graph). LiteRT has static shapes: its model takes one
+image of the model's own size, main output only.
 
 - `export_saved_model(model, path)`: `model.export` (endpoint `serve`), checked.
 - `export_serving(model, path)`: TF Serving's versioned layout `path/1/` with the
@@ -34,19 +42,74 @@ SERVING_VERSION = "1"
 # ------------------------------------------------------------------ atomic writing
 
 
-@contextlib.contextmanager
-def _staged(path, overwrite):
-    """Yields a staging folder beside `path`; the caller leaves its result there as
-    `staging/<basename of path>`, which replaces `path` only when the block succeeds."""
+def _staging_prefix(path):
+    return f".{os.path.basename(path)}.staging-"
+
+
+def _retired_prefix(path):
+    return f".{os.path.basename(path)}.old-"
+
+
+def check_target(path, format, overwrite):
+    """Refuses a target that exists, unless `overwrite` and it is an export of `format`.
+
+    A SavedModel target must be a folder holding `saved_model.pb` (or TF Serving's
+    `1/saved_model.pb`); an ONNX or LiteRT target must be a file with its extension.
+    Anything else (another folder, a dataset, a file of another type) is never
+    replaced.
+    """
     path = os.path.abspath(os.fspath(path))
-    if os.path.lexists(path) and not overwrite:
+    if not os.path.lexists(path):
+        return
+    if not overwrite:
         raise FileExistsError(
             f"{path} already exists; choose another path or pass overwrite=True "
             "(--overwrite on the command line) to replace it."
         )
+    if format == "savedmodel":
+        replaceable = os.path.isdir(path) and not os.path.islink(path) and any(
+            os.path.isfile(os.path.join(path, *parts))
+            for parts in (("saved_model.pb",), (SERVING_VERSION, "saved_model.pb")))
+        what = "a SavedModel folder (with saved_model.pb)"
+    else:
+        extension = {"onnx": ".onnx", "litert": ".tflite"}[format]
+        replaceable = os.path.isfile(path) and path.endswith(extension)
+        what = f"a {extension} file"
+    if not replaceable:
+        raise FileExistsError(
+            f"{path} exists and is not {what}; --overwrite only replaces an earlier "
+            "export of the same format. Choose another path."
+        )
+
+
+def remove_stale_staging(path):
+    """Removes the staging and retired folders a killed export left beside `path`."""
+    path = os.path.abspath(os.fspath(path))
+    parent = os.path.dirname(path)
+    if not os.path.isdir(parent):
+        return []
+    removed = []
+    for name in os.listdir(parent):
+        if name.startswith((_staging_prefix(path), _retired_prefix(path))):
+            stale = os.path.join(parent, name)
+            if os.path.isdir(stale) and not os.path.islink(stale):
+                shutil.rmtree(stale, ignore_errors=True)
+            else:
+                os.remove(stale)
+            removed.append(stale)
+    return removed
+
+
+@contextlib.contextmanager
+def _staged(path, overwrite, format="savedmodel"):
+    """Yields a staging folder beside `path`; the caller leaves its result there as
+    `staging/<basename of path>`, which replaces `path` only when the block succeeds."""
+    path = os.path.abspath(os.fspath(path))
+    check_target(path, format, overwrite)
     parent = os.path.dirname(path)
     os.makedirs(parent, exist_ok=True)
-    staging = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.", dir=parent)
+    remove_stale_staging(path)
+    staging = tempfile.mkdtemp(prefix=_staging_prefix(path), dir=parent)
     try:
         _chmod_as_umask(staging)
         result = os.path.join(staging, os.path.basename(path))
@@ -64,8 +127,7 @@ def _replace(source, target):
     if not os.path.lexists(target):
         os.rename(source, target)
         return
-    retired = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}.old.",
-                               dir=os.path.dirname(target))
+    retired = tempfile.mkdtemp(prefix=_retired_prefix(target), dir=os.path.dirname(target))
     os.rmdir(retired)
     os.rename(target, retired)
     os.rename(source, target)
@@ -146,6 +208,10 @@ def _mask_rule(model):
     import keras
 
     output_layer = model.get_layer(model.output_names[0])
+    inner_models = [layer for layer in model.layers if isinstance(layer, keras.Model)]
+    if not isinstance(output_layer, (keras.layers.Softmax, keras.layers.Activation)) \
+            and len(inner_models) == 1:
+        return _mask_rule(inner_models[0])  # a serving_model wraps the model
     if isinstance(output_layer, keras.layers.Softmax):
         return "argmax"
     if isinstance(output_layer, keras.layers.Activation) and output_layer.get_config()[
@@ -178,15 +244,19 @@ def serving_module(model, threshold=0.5):
 
         def _checked(self, images):
             images = tf.convert_to_tensor(images, tf.float32)
+            shape = tf.shape(images)
             right_rank = tf.equal(tf.rank(images), rank)
-            right_channels = tf.cond(
-                right_rank, lambda: tf.equal(tf.shape(images)[channel_axis], channels),
+            # Every axis at least 1 (no empty batch or image) and the right channels.
+            right_shape = tf.cond(
+                right_rank,
+                lambda: tf.logical_and(tf.equal(shape[channel_axis], channels),
+                                       tf.reduce_all(shape >= 1)),
                 lambda: tf.constant(False))
             check = tf.debugging.Assert(
-                right_channels,
-                [f"attunet_keras: expected a {rank}-D batch of images {expected} with "
-                 f"{channels} channel(s) on axis {channel_axis}; received shape",
-                 tf.shape(images)], summarize=8)
+                right_shape,
+                [f"attunet_keras: expected a non-empty {rank}-D float32 batch of images "
+                 f"{expected} with {channels} channel(s) on axis {channel_axis}; "
+                 "received shape", shape], summarize=8)
             with tf.control_dependencies([check]):
                 images = tf.identity(images)
             return tf.ensure_shape(images, [None] + input_shape[1:])
@@ -264,7 +334,7 @@ def export_onnx(model, path, *, sample=None, overwrite=False, atol=1e-4):
         ) from error
     if not str(path).endswith(".onnx"):
         raise ValueError(f"the ONNX file {path!r} must end in .onnx.")
-    with _staged(path, overwrite) as staging:
+    with _staged(path, overwrite, "onnx") as staging:
         if sample is not None:
             model.predict(np.asarray(sample, dtype="float32"), verbose=0)  # builds it
         else:
@@ -345,7 +415,7 @@ def export_litert(model, path, *, quantize=None, representative=None, sample=Non
         options = dict(optimizations=[tf.lite.Optimize.DEFAULT],
                        representative_dataset=calibration,
                        target_spec={"supported_ops": [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]})
-    with _staged(path, overwrite) as staging:
+    with _staged(path, overwrite, "litert") as staging:
         model.export(staging, format="litert", verbose=False,
                      input_signature=[tf.TensorSpec([1] + input_shape[1:], tf.float32)],
                      **options)
@@ -390,17 +460,33 @@ def litert_predict(path_or_interpreter, images):
 
 def export_model(model, path, *, format="savedmodel", quantize=None, representative=None,
                  sample=None, threshold=0.5, overwrite=False):
-    """Exports in one of `FORMATS` (SavedModel = TF Serving's layout); see the module."""
+    """Exports in one of `FORMATS` (SavedModel = TF Serving's layout); see the module.
+
+    SavedModel and ONNX get `inference.serving_model(model)` (any batch and size, main
+    output); LiteRT gets the main output at the model's own, static size.
+    """
     if format not in FORMATS:
         raise ValueError(f"format={format!r} is not supported; expected one of {FORMATS}.")
     if quantize is not None and format != "litert":
         raise ValueError(
             f"quantize={quantize!r} applies to LiteRT only; use format='litert'."
         )
+    check_target(path, format, overwrite)
     if format == "savedmodel":
-        return export_serving(model, path, sample=sample, threshold=threshold,
-                              overwrite=overwrite)
+        return export_serving(inference.serving_model(model), path, sample=sample,
+                              threshold=threshold, overwrite=overwrite)
     if format == "onnx":
-        return export_onnx(model, path, sample=sample, overwrite=overwrite)
-    return export_litert(model, path, quantize=quantize, representative=representative,
-                         sample=sample, overwrite=overwrite)
+        return export_onnx(inference.serving_model(model), path, sample=sample,
+                           overwrite=overwrite)
+    return export_litert(main_output_model(model), path, quantize=quantize,
+                         representative=representative, sample=sample,
+                         overwrite=overwrite)
+
+
+def main_output_model(model):
+    """`model` with its main output only (the first; deep-supervision heads dropped)."""
+    import keras
+
+    if len(model.outputs) == 1:
+        return model
+    return keras.Model(model.inputs, model.outputs[0], name=model.name)

@@ -1,13 +1,15 @@
-"""Prediction on whole images, attention maps, and the PNGs that show them.
+"""Loading models, prediction on whole images, attention maps, and the PNGs that show them.
 
 A model trained on tiles runs on images of any size: `fully_convolutional` rebuilds it
 with free spatial sizes and the same weights, and `predict_probabilities` pads the
-image to a multiple of `2**depth`, predicts and crops back. `attention_model` exposes
-the coefficient map of every attention gate (the `*_gate_sigmoid` layers) as extra
-outputs.
+image to a multiple of `2**depth`, predicts and crops back. `serving_model` does the
+same inside the graph, for exports. `attention_model` exposes the coefficient map of
+every attention gate (the `*_gate_sigmoid` layers) as extra outputs. `load_model`
+reads a `.keras` file with one clear error for anything that is not a model.
 """
 
 import os
+import zipfile
 
 import numpy as np
 
@@ -16,11 +18,65 @@ from attunet_keras import data as data_lib
 GATE_SUFFIX = "_gate_sigmoid"
 
 
+def load_model(path):
+    """Loads a `.keras` model file (safe mode), with one clear error for a bad file.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: not a `.keras` file name, or a file that is not a valid Keras
+            model archive (not a zip, truncated, or weights that do not load).
+    """
+    import keras
+
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no such file (a .keras model was expected).")
+    if not path.endswith(".keras"):
+        raise ValueError(
+            f"{path} is not a .keras file; save models with model.save('name.keras')."
+        )
+    if not zipfile.is_zipfile(path):
+        raise ValueError(f"{path} is not a Keras model file (not a .keras zip archive).")
+    try:
+        return keras.saving.load_model(path, safe_mode=True)
+    except Exception as error:  # any failure inside the archive means the same here
+        detail = " ".join(str(error).split())[:200]
+        raise ValueError(
+            f"{path} is not a valid Keras model file: {type(error).__name__}: {detail}"
+        ) from error
+
+
+def is_volume_model(model):
+    """True for a model of volumes (5D input, e.g. `att_unet_3d`)."""
+    return len(model.inputs[0].shape) == 5
+
+
+def input_channels(model):
+    """The channel count of a model's input."""
+    return model.inputs[0].shape[1 if model_data_format(model) == "channels_first" else -1]
+
+
+def output_channels(model):
+    """The channel count of a model's (main) output."""
+    output = model.outputs[0]
+    return output.shape[1 if model_data_format(model) == "channels_first" else -1]
+
+
+def all_layers(model):
+    """Every layer of `model`, those of models nested in it included."""
+    import keras
+
+    for layer in model.layers:
+        yield layer
+        if isinstance(layer, keras.Model):
+            yield from all_layers(layer)
+
+
 def model_data_format(model):
     """The `data_format` of a model's convolutions."""
     import keras
 
-    for layer in model.layers:
+    for layer in all_layers(model):
         if isinstance(layer, (keras.layers.Conv2D, keras.layers.Conv3D)):
             return layer.data_format
     raise ValueError(f"model {model.name!r} has no convolution to read data_format from.")
@@ -31,7 +87,7 @@ def pooling_levels(model):
     import keras
 
     return sum(isinstance(layer, (keras.layers.MaxPooling2D, keras.layers.MaxPooling3D))
-               for layer in model.layers)
+               for layer in all_layers(model))
 
 
 def fully_convolutional(model):
@@ -52,6 +108,80 @@ def fully_convolutional(model):
     rebuilt = keras.Model.from_config(config)
     rebuilt.set_weights(model.get_weights())
     return rebuilt
+
+
+def serving_model(model):
+    """`model` for any image size: free sizes, padded and cropped inside the graph.
+
+    The main output only (deep-supervision heads are training aids), the same weights,
+    spatial sizes free, the image padded at its end to a multiple of `2**depth` by
+    reflection (`layers.PadToMultiple`) and the prediction cropped back to the image's
+    size (`layers.CropToReference`). Any batch and any size of at least one pixel.
+
+    One exception: Keras's bilinear `UpSampling2D` cannot take sizes known only at run
+    time (`keras.ops.image.resize` tests them in Python), so a model built with
+    `upsampling="bilinear"` is returned with its own input size (check
+    `model.inputs[0].shape`).
+    """
+    import keras
+
+    from attunet_keras import layers as layers_lib
+
+    data_format = model_data_format(model)
+    main = keras.Model(model.inputs, model.outputs[0], name=model.name)
+    if needs_static_sizes(main):
+        return main
+    free = _with_free_sizes(main)
+    shape = list(free.inputs[0].shape[1:])
+    images = keras.Input(shape=shape, name="images")
+    padded = layers_lib.PadToMultiple(2 ** pooling_levels(model), data_format,
+                                      name="pad_to_multiple")(images)
+    cropped = layers_lib.CropToReference(data_format, name="crop_to_image")(
+        [free(padded), images])
+    return keras.Model(images, cropped, name=f"{model.name}_serving")
+
+
+def needs_static_sizes(model):
+    """True when a layer of `model` cannot run on sizes known only at run time."""
+    import keras
+
+    return any(isinstance(layer, keras.layers.UpSampling2D)
+               and layer.interpolation != "nearest" for layer in model.layers)
+
+
+def convert_channels(image, channels, conversion=None, path="the image"):
+    """An (H, W, C) image with the model's `channels`, converted or refused.
+
+    Args:
+        image: array (H, W) or (H, W, C).
+        channels: int. The model's input channels.
+        conversion: None, `"gray"` or `"rgb"`. `"gray"` averages the colour channels
+            (an alpha channel is dropped first); `"rgb"` repeats a gray image to 3
+            channels and drops an alpha channel. None refuses a mismatch.
+        path: str. Named in the error.
+    """
+    image = np.asarray(image)
+    if image.ndim == 2:
+        image = image[..., None]
+    if image.ndim != 3:
+        raise ValueError(f"{path}: expected an image (H, W) or (H, W, C), got shape "
+                         f"{image.shape}.")
+    if image.shape[-1] == channels:
+        return image
+    if conversion == "gray" and channels == 1:
+        colour = image[..., :3] if image.shape[-1] == 4 else image
+        return colour.astype("float32").mean(axis=-1, keepdims=True)
+    if conversion == "rgb" and channels == 3 and image.shape[-1] in (1, 2, 4):
+        if image.shape[-1] == 4:
+            return image[..., :3]
+        return np.repeat(image[..., :1], 3, axis=-1)
+    hint = {1: "--channels gray converts colour images to gray",
+            3: "--channels rgb repeats a gray image to RGB and drops alpha"}.get(
+        channels, "convert the images first")
+    raise ValueError(
+        f"{path} has {image.shape[-1]} channel(s) but the model takes {channels}; "
+        f"{hint}."
+    )
 
 
 def _with_free_sizes(model):

@@ -49,9 +49,9 @@ def test_serving_layout_and_signatures(sigmoid_serving):
 @pytest.mark.parametrize(
     "shape, match",
     [
-        ((2, 32, 32), r"expected a 4-D batch of images \(batch, 32, 32, 1\) with 1 "
-                      r"channel\(s\) on axis -1; received shape\] \[2 32 32\]"),
-        ((2, 32, 32, 3), r"expected a 4-D batch .* received shape\] \[2 32 32 3\]"),
+        ((2, 32, 32), r"expected a non-empty 4-D float32 batch of images \(batch, 32, 32, "
+                      r"1\) with 1 channel\(s\) on axis -1; received shape\] \[2 32 32\]"),
+        ((2, 32, 32, 3), r"expected a non-empty 4-D .* received shape\] \[2 32 32 3\]"),
     ],
 )
 def test_serving_rejects_wrong_inputs_with_a_clear_error(sigmoid_serving, shape, match):
@@ -128,13 +128,29 @@ def test_bad_export_requests_are_refused(tmp_path, call, match):
                                            ("litert", "m.tflite")])
 def test_existing_exports_are_kept_unless_overwrite(tmp_path, format_, name):
     target = tmp_path / name
-    target.write_text("an earlier export")
+    export.export_model(_tiny(), target, format=format_)
+    before = sorted(os.listdir(target)) if target.is_dir() else target.read_bytes()
     with pytest.raises(FileExistsError, match="already exists"):
         export.export_model(_tiny(), target, format=format_)
-    assert target.read_text() == "an earlier export"
+    assert (sorted(os.listdir(target)) if target.is_dir() else target.read_bytes()) == before
     export.export_model(_tiny(), target, format=format_, overwrite=True,
                         sample=_batch("channels_last"))
     assert os.listdir(tmp_path) == [name]
+
+
+@pytest.mark.parametrize("format_, name", [("savedmodel", "data"), ("savedmodel", "x.txt"),
+                                           ("onnx", "data"), ("litert", "notes.txt")])
+def test_overwrite_never_replaces_what_is_not_an_export(tmp_path, format_, name):
+    target = tmp_path / name
+    if "." in name:
+        target.write_text("precious")
+    else:
+        target.mkdir()
+        (target / "image.png").write_text("precious")
+    with pytest.raises(FileExistsError, match="only replaces an earlier export"):
+        export.export_model(_tiny(), target, format=format_, overwrite=True)
+    kept = target.read_text() if target.is_file() else (target / "image.png").read_text()
+    assert kept == "precious"
 
 
 def test_a_killed_export_leaves_no_half_written_model(tmp_path):

@@ -110,3 +110,55 @@ def test_attention_figure_writes_a_png(tmp_path):
     with Image.open(path) as picture:
         width, height = picture.size
     assert width > 3 * height / 2  # four panels side by side
+
+
+def test_load_model_names_a_file_that_is_not_a_keras_archive(tmp_path):
+    path = tmp_path / "best.keras"
+    path.write_bytes(b"not a zip at all")
+    with pytest.raises(ValueError, match=r"best.keras is not a Keras model file"):
+        inference.load_model(path)
+
+
+def test_load_model_names_an_archive_with_truncated_weights(tmp_path):
+    import zipfile
+
+    path = tmp_path / "model.keras"
+    _tiny("channels_last").save(path)
+    truncated = tmp_path / "truncated.keras"
+    with zipfile.ZipFile(path) as source, zipfile.ZipFile(truncated, "w") as target:
+        for item in source.infolist():
+            content = source.read(item.filename)
+            if item.filename.endswith(".h5"):
+                content = content[: len(content) // 2]
+            target.writestr(item, content)
+    with pytest.raises(ValueError, match=r"truncated.keras is not a valid Keras model file"):
+        inference.load_model(truncated)
+
+
+def test_convert_channels_converts_on_request_and_otherwise_says_how():
+    rgb = np.random.default_rng(0).random((8, 8, 3)).astype("float32")
+    with pytest.raises(ValueError, match=r"x.png has 3 channel\(s\) but the model takes 1; "
+                                         r"--channels gray"):
+        inference.convert_channels(rgb, 1, None, "x.png")
+    np.testing.assert_allclose(inference.convert_channels(rgb, 1, "gray"),
+                               rgb.mean(axis=-1, keepdims=True))
+    gray = rgb[..., 0]
+    np.testing.assert_array_equal(inference.convert_channels(gray, 3, "rgb"),
+                                  np.repeat(gray[..., None], 3, axis=-1))
+    rgba = np.concatenate([rgb, np.ones((8, 8, 1), "float32")], axis=-1)
+    np.testing.assert_array_equal(inference.convert_channels(rgba, 3, "rgb"), rgb)
+    with pytest.raises(ValueError, match="--channels rgb"):
+        inference.convert_channels(gray, 3, None, "g.png")
+
+
+def test_serving_model_pads_and_crops_inside_the_graph(data_format):
+    model = _tiny(data_format)
+    served = inference.serving_model(model)
+    assert [layer.name for layer in served.layers][1] == "pad_to_multiple"
+    image = np.random.default_rng(3).random((30, 45, 1)).astype("float32")
+    batch = image[None] if data_format == "channels_last" else image[None].transpose(0, 3, 1, 2)
+    output = served.predict(batch, verbose=0)
+    if data_format == "channels_first":
+        output = output.transpose(0, 2, 3, 1)
+    np.testing.assert_allclose(
+        output[0], inference.predict_probabilities(model, image, normalized=True), atol=1e-5)

@@ -1,6 +1,8 @@
 """Saving round trips: `.keras` in safe mode, and SavedModel export."""
 
 import os
+import subprocess
+import sys
 
 import keras
 import numpy as np
@@ -94,7 +96,7 @@ def test_export_saved_model_refuses_to_overwrite(tmp_path):
 def test_export_saved_model_overwrites_when_asked(tmp_path):
     model = _tiny("channels_last")
     path = tmp_path / "exported"
-    path.mkdir()
+    export.export_saved_model(model, path)
     (path / "old.txt").write_text("old export")
 
     export.export_saved_model(model, path, overwrite=True)
@@ -119,3 +121,31 @@ def test_failed_export_check_leaves_nothing_behind(tmp_path, monkeypatch):
             model, path, sample=image_batch(1, 3, 32, 32, "channels_last"))
 
     assert os.listdir(tmp_path) == []
+
+
+def test_a_trained_run_loads_with_plain_keras_after_importing_the_package(tmp_path):
+    """Loss, metrics and layers of the package are registered by `import attunet_keras`."""
+    from attunet_keras import losses
+    from attunet_keras import metrics
+
+    model = models.att_unet(None, None, 1, depth=2, features=4, in_channels=1,
+                            data_format="channels_last")
+    assert "image_size_check" in [layer.name for layer in model.layers]
+    model.compile(optimizer="adam", loss=losses.CrossEntropyDiceLoss(),
+                  metrics=[metrics.Dice(), metrics.IoU()])
+    batch = image_batch(2, 1, 32, 32, "channels_last")
+    model.fit(batch, (batch > 0.5).astype("float32"), epochs=1, verbose=0)
+    model.save(tmp_path / "best.keras")
+    expected = model.predict(batch, verbose=0)
+    np.save(tmp_path / "batch.npy", batch)
+    script = (
+        "import sys, numpy, keras, attunet_keras\n"
+        f"model = keras.saving.load_model({str(tmp_path / 'best.keras')!r})\n"
+        "assert type(model.loss).__name__ == 'CrossEntropyDiceLoss', model.loss\n"
+        f"numpy.save({str(tmp_path / 'out.npy')!r}, "
+        f"model.predict(numpy.load({str(tmp_path / 'batch.npy')!r}), verbose=0))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                            timeout=300, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
+    assert result.returncode == 0, result.stderr[-2000:]
+    np.testing.assert_allclose(np.load(tmp_path / "out.npy"), expected, atol=1e-6)

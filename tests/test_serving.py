@@ -1,0 +1,191 @@
+"""Exported models take any batch and image size; deep supervision exports the main output."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from attunet_keras import cli
+from attunet_keras import data
+from attunet_keras import export
+from attunet_keras import inference
+from attunet_keras import models
+
+TINY_TRAIN = ["--epochs", "1", "--steps-per-epoch", "2", "--batch-size", "4",
+              "--depth", "4", "--features", "4", "--tile", "64", "--verbose", "0"]
+
+
+def _model(data_format, deep_supervision=False, n_label=1):
+    return models.att_unet(
+        64, 64, n_label, depth=4, features=4, in_channels=1, data_format=data_format,
+        deep_supervision=deep_supervision,
+        output_activation="sigmoid" if n_label == 1 else "softmax")
+
+
+def _layout(batch_last, data_format):
+    """(N, H, W, C) images to the model's layout."""
+    return batch_last if data_format == "channels_last" else np.transpose(
+        batch_last, (0, 3, 1, 2))
+
+
+def _to_last(batch, data_format):
+    return batch if data_format == "channels_last" else np.transpose(batch, (0, 2, 3, 1))
+
+
+@pytest.fixture(scope="module")
+def demo_export(tmp_path_factory):
+    """A tiny nuclei run made through the command line (training tile 64), exported."""
+    folder = tmp_path_factory.mktemp("served")
+    run = folder / "run"
+    assert cli.main(["train", "--dataset", "nuclei", "--output", str(run), *TINY_TRAIN]) == 0
+    assert cli.main(["export", "--run", str(run), "--output", str(folder / "saved")]) == 0
+    return run, tf.saved_model.load(str(folder / "saved" / "1"))
+
+
+@pytest.mark.parametrize("crop", [None, (200, 300)])
+def test_the_exported_run_serves_the_whole_demo_image_and_a_crop(demo_export, crop):
+    run, served = demo_export
+    image = data.normalize(data.read_image(data.package_file(
+        "stardist", os.path.join("data", "images", "img2d.tif"))))
+    assert image.shape == (512, 512, 1)  # the demo's image, 8x the training tile
+    if crop:
+        image = image[100:100 + crop[0], 50:50 + crop[1]]
+    model = inference.load_model(run / "best.keras")
+    assert tuple(model.inputs[0].shape) == (None, 64, 64, 1)  # trained on tiles
+    probabilities = served.signatures["probabilities"](
+        images=tf.constant(image[None]))["probabilities"].numpy()[0]
+    expected = inference.predict_probabilities(model, image, normalized=True)
+    assert probabilities.shape == image.shape[:2] + (1,)
+    np.testing.assert_allclose(probabilities, expected, atol=1e-5)
+
+
+@pytest.fixture(scope="module", params=["channels_first", "channels_last"])
+def tiny_export(request, tmp_path_factory):
+    """A depth-4 model (sizes must be multiples of 16) exported to SavedModel."""
+    model = _model(request.param)
+    target = tmp_path_factory.mktemp("export") / "saved"
+    export.export_model(model, target)
+    return request.param, model, tf.saved_model.load(str(target / "1"))
+
+
+@pytest.mark.parametrize("size", [(64, 64), (128, 128), (50, 70), (15, 15), (1, 1)],
+                         ids=["tile", "2x_tile", "not_divisible_by_16",
+                              "one_less_than_16", "one_pixel"])
+def test_saved_model_takes_any_size_and_batch(tiny_export, size):
+    data_format, model, served = tiny_export
+    images = np.random.default_rng(0).random((3, *size, 1), dtype="float32")
+    outputs = served.signatures["probabilities"](
+        images=tf.constant(_layout(images, data_format)))["probabilities"].numpy()
+    outputs = _to_last(outputs, data_format)
+    assert outputs.shape == (3, *size, 1)
+    if size != (1, 1):  # 1x1: zeros beyond what reflection reaches, numpy repeats
+        for image, output in zip(images, outputs):
+            np.testing.assert_allclose(
+                output, inference.predict_probabilities(model, image, normalized=True),
+                atol=1e-5)
+    mask = served.signatures["mask"](images=tf.constant(_layout(images, data_format)))["mask"]
+    assert mask.dtype == tf.uint8 and tuple(mask.shape) == tuple(
+        _layout(outputs, data_format).shape)
+
+
+@pytest.mark.parametrize("shape", [(0, 32, 32, 1), (2, 0, 32, 1), (2, 32, 32), (2, 32, 32, 3)],
+                         ids=["empty_batch", "empty_image", "rank_3", "three_channels"])
+def test_saved_model_refuses_bad_input_with_one_message(tiny_export, shape):
+    data_format, _, served = tiny_export
+    expected = r"\(batch, any, any, 1\)"
+    if data_format == "channels_first":
+        shape = (shape[0], shape[-1]) + shape[1:-1]
+        expected = r"\(batch, channels, any, any\)"
+    with pytest.raises(tf.errors.InvalidArgumentError,
+                       match=r"expected a non-empty 4-D float32 batch of images "
+                             + expected + r" with 1 channel\(s\)"):
+        served.signatures["probabilities"](images=tf.zeros(shape))
+
+
+def test_saved_model_names_float32_for_another_dtype(tiny_export):
+    _, _, served = tiny_export
+    with pytest.raises(tf.errors.InvalidArgumentError, match="expected to be a float tensor"):
+        served.signatures["probabilities"](images=tf.zeros((1, 32, 32, 1), tf.uint8))
+
+
+def test_onnx_has_dynamic_axes_and_any_size(tmp_path, data_format):
+    onnxruntime = pytest.importorskip("onnxruntime")
+    model = _model(data_format)
+    export.export_model(model, tmp_path / "m.onnx", format="onnx")
+    session = onnxruntime.InferenceSession(str(tmp_path / "m.onnx"),
+                                           providers=["CPUExecutionProvider"])
+    images = np.random.default_rng(1).random((2, 50, 70, 1), dtype="float32")
+    outputs = session.run(None, {session.get_inputs()[0].name: _layout(images, data_format)})
+    assert len(outputs) == 1
+    outputs = _to_last(outputs[0], data_format)
+    for image, output in zip(images, outputs):
+        np.testing.assert_allclose(
+            output, inference.predict_probabilities(model, image, normalized=True), atol=1e-4)
+
+
+def test_deep_supervision_exports_the_main_output_on_every_format(tmp_path):
+    model = _model("channels_last", deep_supervision=True)
+    assert len(model.outputs) == 4
+    images = np.random.default_rng(2).random((1, 64, 64, 1), dtype="float32")
+    main = model.predict(images, verbose=0)[0]
+
+    export.export_model(model, tmp_path / "saved")
+    served = tf.saved_model.load(str(tmp_path / "saved" / "1"))
+    signature = served.signatures["probabilities"]
+    assert list(signature.structured_outputs) == ["probabilities"]
+    np.testing.assert_allclose(signature(images=tf.constant(images))["probabilities"], main,
+                               atol=1e-5)
+
+    onnxruntime = pytest.importorskip("onnxruntime")
+    export.export_model(model, tmp_path / "m.onnx", format="onnx")
+    session = onnxruntime.InferenceSession(str(tmp_path / "m.onnx"),
+                                           providers=["CPUExecutionProvider"])
+    outputs = session.run(None, {session.get_inputs()[0].name: images})
+    assert len(outputs) == 1
+    np.testing.assert_allclose(outputs[0], main, atol=1e-4)
+
+    export.export_model(model, tmp_path / "m.tflite", format="litert")
+    interpreter = export.litert_interpreter(tmp_path / "m.tflite")
+    assert len(interpreter.get_output_details()) == 1
+    np.testing.assert_allclose(export.litert_predict(interpreter, images), main, atol=1e-4)
+
+
+def test_export_cli_states_the_served_sizes(tmp_path, capsys):
+    tiny = ["--img-w", "64", "--img-h", "64", "--depth", "2", "--features", "4",
+            "--in-channels", "1", "--data-format", "channels_last"]
+    assert cli.main(["export", *tiny, "--output", str(tmp_path / "saved")]) == 0
+    assert "any batch and size with 1 channel(s) float32, padded to multiples of 4" in \
+        capsys.readouterr().out
+    assert cli.main(["export", *tiny, "--format", "litert",
+                     "--output", str(tmp_path / "m.tflite")]) == 0
+    assert "static input (1, 64, 64, 1) float32 (LiteRT has static shapes)" in \
+        capsys.readouterr().out
+
+
+def test_an_export_killed_mid_write_is_cleaned_up_by_the_next(tmp_path):
+    script = os.path.join(os.path.dirname(sys.executable), "attunet-keras")
+    target = tmp_path / "saved"
+    command = [script, "export", "--output", str(target), "--img-w", "64", "--img-h", "64"]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
+    deadline = time.time() + 180
+    staging = []
+    try:
+        while time.time() < deadline and process.poll() is None:
+            staging = [name for name in os.listdir(tmp_path) if name.startswith(".saved.")]
+            if staging and any(os.scandir(tmp_path / staging[0])):
+                break
+            time.sleep(0.05)
+    finally:
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+    assert staging, "the export finished before it could be killed"
+    assert any(name.startswith(".saved.") for name in os.listdir(tmp_path))
+    assert not target.exists()
+    export.export_model(models.att_unet(64, 64, 1, depth=2, features=4), target)
+    assert os.listdir(tmp_path) == ["saved"]
