@@ -232,3 +232,213 @@ def test_architecture_options_train_end_to_end(tmp_path, capsys):
                      str(tmp_path / "a.png")]) == 0
     assert cli.main(["export", "--run", str(run), "--output", str(tmp_path / "sm")]) == 0
     assert "max |export - keras|" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------ launcher and parser
+
+
+def test_help_and_argument_errors_do_not_load_tensorflow():
+    script = (
+        "import sys, attunet_keras_cli\n"
+        "for argv in (['--help'], ['train', '--help'], ['plot', '--dpi', '0']):\n"
+        "    try:\n"
+        "        attunet_keras_cli.main(argv)\n"
+        "    except SystemExit:\n"
+        "        pass\n"
+        "assert 'tensorflow' not in sys.modules and 'keras' not in sys.modules\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 0, result.stderr
+
+
+def test_the_parser_choices_and_defaults_are_the_library_s():
+    import dataclasses
+
+    import attunet_keras_cli
+    from attunet_keras import distribute
+    from attunet_keras import losses
+    from attunet_keras import multiworker
+    from attunet_keras import training
+
+    assert attunet_keras_cli.LOSSES == losses.LOSSES
+    assert attunet_keras_cli.STRATEGIES == distribute.STRATEGIES
+    assert attunet_keras_cli.PRECISIONS == distribute.PRECISIONS
+    assert attunet_keras_cli.JIT_CHOICES == distribute.JIT_CHOICES
+    defaults = dict(vars(attunet_keras_cli.TRAIN_DEFAULTS))
+    assert defaults.pop("cluster_timeout") == multiworker.CLUSTER_TIMEOUT_SECONDS
+    config = dataclasses.asdict(training.TrainConfig())
+    assert defaults == {name: config[name] for name in defaults}
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["plot", "--output", "m.png", "--dpi", "0"], "argument --dpi: expected an integer >= 1"),
+    (["plot", "--output", "m.png", "--dpi", "-5"], "argument --dpi: expected an integer >= 1"),
+    (["train", "--dataset", "nuclei", "--output", "r", "--cpu-devices", "0"],
+     "argument --cpu-devices: expected an integer >= 1"),
+    (["predict", "--model", "m.keras", "--output", "o", "--threshold", "1.5"],
+     "argument --threshold: expected a number between 0 and 1"),
+    (["predict", "--model", "m.keras", "--output", "o", "--threshold", "nan"],
+     "argument --threshold: expected a number between 0 and 1"),
+    (["predict", "--model", "m.keras", "--output", "o", "--threshold", "0"],
+     "argument --threshold: expected a number between 0 and 1"),
+])
+def test_out_of_range_options_are_refused_by_the_parser(argv, message, capsys, tmp_path,
+                                                       monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(argv)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+    assert os.listdir(tmp_path) == []
+
+
+def test_the_console_script_prints_no_tensorflow_start_up_lines():
+    environment = {key: value for key, value in os.environ.items()
+                   if key != "TF_CPP_MIN_LOG_LEVEL"}
+    result = subprocess.run([_console_script(), "summary", *TINY], capture_output=True,
+                            text=True, timeout=300, env=environment)
+    assert result.returncode == 0, result.stderr
+    assert "Parameters:" in result.stdout
+    for notice in ("absl::InitializeLog", "oneDNN custom operations", "cuInit"):
+        assert notice not in result.stderr
+
+
+def test_an_unwritable_output_is_one_line(tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("a file, not a folder")
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["train", "--dataset", "nuclei", "--output", str(blocker / "run"),
+                  *TINY_TRAIN])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "cannot write or read" in err and str(blocker) in err
+
+
+# ------------------------------------------------------- predict, evaluate, models
+
+
+def _images(folder, names, size=(40, 40), channels=None):
+    import numpy as np
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for name in names:
+        shape = size + ((channels,) if channels else ())
+        array = (rng.random(shape) * 255).astype("uint8")
+        if name.endswith((".tif", ".tiff")):
+            import tifffile
+
+            tifffile.imwrite(folder / name, array)
+        else:
+            Image.fromarray(array).save(folder / name)
+    return folder
+
+
+def test_predict_checks_every_output_before_writing_any(tiny_run, tmp_path, capsys):
+    folder = _images(tmp_path / "in", ["a.png", "b.png"])
+    output = tmp_path / "out"
+    output.mkdir()
+    (output / "b_mask.png").write_text("an earlier result")
+    with pytest.raises(SystemExit):
+        cli.main(["predict", str(folder), "--model", str(tiny_run / "best.keras"),
+                  "--output", str(output)])
+    assert "1 output(s) exist already, e.g." in capsys.readouterr().err
+    assert sorted(os.listdir(output)) == ["b_mask.png"]
+
+
+def test_predict_refuses_two_images_with_one_stem(tiny_run, tmp_path, capsys):
+    folder = _images(tmp_path / "in", ["x.png", "x.tif"])
+    with pytest.raises(SystemExit):
+        cli.main(["predict", str(folder), "--model", str(tiny_run / "best.keras"),
+                  "--output", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert "x.png and" in err and "x.tif would write the same x_* outputs" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_predict_refuses_to_write_into_the_input_folder(tiny_run, tmp_path, capsys):
+    folder = _images(tmp_path / "in", ["a.png"])
+    with pytest.raises(SystemExit):
+        cli.main(["predict", str(folder), "--model", str(tiny_run / "best.keras"),
+                  "--output", str(folder), "--overwrite"])
+    assert "is the input folder" in capsys.readouterr().err
+    assert os.listdir(folder) == ["a.png"]
+
+
+def test_predict_refuses_a_3d_model_before_writing(tmp_path, capsys):
+    from attunet_keras import models
+
+    path = tmp_path / "volume.keras"
+    models.att_unet_3d(16, 16, 16, 1, depth=2, features=4).save(path)
+    folder = _images(tmp_path / "in", ["a.png"])
+    with pytest.raises(SystemExit):
+        cli.main(["predict", str(folder), "--model", str(path), "--output",
+                  str(tmp_path / "out")])
+    assert "a 3D model" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_predict_names_a_nan_image(tiny_run, tmp_path, capsys):
+    import numpy as np
+    import tifffile
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    image = np.zeros((32, 32), "float32")
+    image[0, 0] = np.nan
+    tifffile.imwrite(folder / "nan.tif", image)
+    with pytest.raises(SystemExit):
+        cli.main(["predict", str(folder), "--model", str(tiny_run / "best.keras"),
+                  "--output", str(tmp_path / "out")])
+    assert "nan.tif: 1 pixel(s) are NaN or infinite" in capsys.readouterr().err
+
+
+def test_predict_converts_channels_on_request_and_otherwise_says_how(tiny_run, tmp_path,
+                                                                     capsys):
+    folder = _images(tmp_path / "in", ["rgb.png"], channels=3)
+    argv = ["predict", str(folder), "--model", str(tiny_run / "best.keras"),
+            "--output", str(tmp_path / "out")]
+    with pytest.raises(SystemExit):
+        cli.main(argv)
+    assert "rgb.png has 3 channel(s) but the model takes 1; --channels gray" in \
+        capsys.readouterr().err
+    assert cli.main(argv + ["--channels", "gray"]) == 0
+    assert sorted(os.listdir(tmp_path / "out")) == ["rgb_mask.png", "rgb_overlay.png"]
+
+
+def test_evaluate_refuses_a_model_of_another_task(tiny_run, tmp_path, capsys):
+    from attunet_keras import models
+
+    path = tmp_path / "three.keras"
+    models.att_unet(64, 64, 3, depth=2, features=4, in_channels=1,
+                    output_activation="softmax").save(path)
+    with pytest.raises(SystemExit):
+        cli.main(["evaluate", str(tiny_run), "--model", str(path)])
+    assert "it is a model of another task" in capsys.readouterr().err
+    assert cli.main(["evaluate", str(tiny_run), "--model",
+                     str(tiny_run / "best.keras"), "--json"]) == 0
+
+
+def test_a_corrupt_model_file_is_named_not_missing(tmp_path, capsys):
+    path = tmp_path / "best.keras"
+    path.write_text("garbage")
+    with pytest.raises(SystemExit):
+        cli.main(["summary", "--model", str(path)])
+    assert f"{path} is not a Keras model file" in capsys.readouterr().err
+
+
+def test_train_overwrite_never_deletes_the_dataset(tmp_path, capsys):
+    folder = _images(tmp_path / "set" / "images", ["a.png", "b.png"], size=(64, 64))
+    _images(tmp_path / "set" / "masks", [])
+    import numpy as np
+    from PIL import Image
+
+    for name in ("a.png", "b.png"):
+        Image.fromarray(np.zeros((64, 64), "uint8")).save(tmp_path / "set" / "masks" / name)
+    with pytest.raises(SystemExit):
+        cli.main(["train", "--dataset", str(tmp_path / "set"), "--n-label", "1",
+                  "--output", str(tmp_path / "set"), "--overwrite", *TINY_TRAIN])
+    assert "holds the dataset" in capsys.readouterr().err
+    assert sorted(os.listdir(folder)) == ["a.png", "b.png"]

@@ -1,0 +1,414 @@
+"""The `attunet-keras` console script: its argument parser, run before TensorFlow loads.
+
+`import attunet_keras` imports Keras (and so TensorFlow) to register the package's
+custom objects, which takes seconds. This module stands outside the package so that
+`attunet-keras --help` and every argument error answer at once, and so that
+TensorFlow's C++ logging can be set before TensorFlow starts: `TF_CPP_MIN_LOG_LEVEL`
+defaults to 2 here (errors only; set it in the environment to see more). Once the
+arguments are parsed, `attunet_keras.cli` runs the command.
+
+TensorFlow's start-up lines (absl's "All log messages before absl::InitializeLog()",
+oneDNN's and the CUDA stub's notices) are printed by its C++ libraries while they
+load, before `TF_CPP_MIN_LOG_LEVEL` is read, and twice (two libraries). The CLI
+therefore sets `TF_CPP_MIN_LOG_LEVEL=3` when the environment does not set it, and
+imports TensorFlow with the standard error stream captured, passing on every line
+but those notices. `TF_CPP_MIN_LOG_LEVEL=0 attunet-keras ...` shows everything.
+"""
+
+import argparse
+import math
+import os
+import sys
+import types
+
+# Choices and defaults of the library, repeated here so that the parser needs no
+# TensorFlow; tests/test_cli.py checks that they equal the library's.
+LOSSES = ("bce", "dice", "bce_dice", "focal", "tversky")
+STRATEGIES = ("auto", "default", "one_device", "mirrored", "multiworker", "tpu")
+PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
+JIT_CHOICES = ("auto", "on", "off")
+CHANNEL_CONVERSIONS = ("gray", "rgb")
+TRAIN_DEFAULTS = types.SimpleNamespace(
+    epochs=30, batch_size=8, learning_rate=2e-3, loss="bce_dice", seed=0, depth=4,
+    features=16, tile=128, data_format="channels_last", backup_every=5, dropout=0.2,
+    upsampling="nearest", gate="additive", strategy="auto", precision="float32",
+    jit_compile="auto", cluster_timeout=300,
+)
+
+
+def _positive_int(text):
+    """An integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = None
+    if value is None or value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, received {text!r}")
+    return value
+
+
+def _probability(text):
+    """A number strictly between 0 and 1."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0.0 < value < 1.0:
+        raise argparse.ArgumentTypeError(
+            f"expected a number between 0 and 1 (exclusive), received {text!r}")
+    return value
+
+
+def _channels_option(parser):
+    parser.add_argument(
+        "--channels", choices=CHANNEL_CONVERSIONS, default=None,
+        help="convert images to the model's channels: gray (channel mean; RGBA drops "
+             "alpha first) or rgb (gray repeated, alpha dropped). Without it an image "
+             "whose channel count differs from the model's is refused",
+    )
+
+
+_DESCRIPTION = """\
+Build, inspect, train and export the Attention U-Net of attunet_keras.
+
+summary, plot and export build att_unet() from the model options (defaults: the
+reference model, att_unet(160, 160, n_label=1), channels_first, 7,977,941 parameters),
+or use a trained model: --model FILE.keras, or --run DIR for a training run's best.
+"""
+
+_EPILOG = """\
+examples:
+  attunet-keras summary
+  attunet-keras summary --img-w 256 --img-h 256 --data-format channels_last
+  attunet-keras plot --output att_unet.png
+  attunet-keras train --dataset nuclei --output runs/nuclei
+  attunet-keras evaluate runs/nuclei
+  attunet-keras predict --run runs/nuclei --output predictions [IMAGE_OR_FOLDER]
+  attunet-keras attention --run runs/nuclei --output attention.png [IMAGE]
+  attunet-keras export --run runs/nuclei --output saved_model
+"""
+
+
+def _size(text):
+    """An image size: a positive integer, or `none` for a size chosen at call time."""
+    if text.lower() == "none":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected an integer or 'none', received {text!r}"
+        ) from None
+
+
+def _model_options():
+    parent = argparse.ArgumentParser(add_help=False)
+    group = parent.add_argument_group("model options (att_unet arguments)")
+    group.add_argument(
+        "--img-w", type=_size, default=160, metavar="N",
+        help="first spatial axis, divisible by 2**depth, or 'none' (default: 160)",
+    )
+    group.add_argument(
+        "--img-h", type=_size, default=160, metavar="N",
+        help="second spatial axis, divisible by 2**depth, or 'none' (default: 160)",
+    )
+    group.add_argument(
+        "--n-label", type=int, default=1, metavar="N",
+        help="output channels, one sigmoid map each (default: 1)",
+    )
+    group.add_argument(
+        "--depth", type=int, default=4, metavar="N",
+        help="number of pooling levels (default: 4)",
+    )
+    group.add_argument(
+        "--features", type=int, default=32, metavar="N",
+        help="filters of the first level, doubled at each level down (default: 32)",
+    )
+    group.add_argument(
+        "--data-format", choices=("channels_first", "channels_last"),
+        default="channels_first",
+        help="tensor layout (default: channels_first, as the reference)",
+    )
+    group.add_argument(
+        "--in-channels", type=int, default=3, metavar="N",
+        help="channels of the input image (default: 3)",
+    )
+    _trained_model_options(group)
+    return parent
+
+
+def _trained_model_options(group, required=False):
+    which = group.add_mutually_exclusive_group(required=required)
+    which.add_argument(
+        "--model", metavar="FILE.keras",
+        help="use this saved model" + ("" if required else
+                                        " instead of building one from the options"),
+    )
+    which.add_argument(
+        "--run", metavar="DIR",
+        help="use the best model of this training run (attunet-keras train --output)",
+    )
+
+
+def _version():
+    """The installed version, read without importing the package (and TensorFlow)."""
+    from importlib import metadata
+
+    try:
+        return f"attunet-keras {metadata.version('attunet_keras')}"
+    except metadata.PackageNotFoundError:
+        return "attunet-keras (not installed)"
+
+
+def build_parser():
+    """The argument parser of `attunet-keras`."""
+    parser = argparse.ArgumentParser(
+        prog="attunet-keras",
+        description=_DESCRIPTION,
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=_version())
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    model_options = _model_options()
+
+    summary = commands.add_parser(
+        "summary", parents=[model_options],
+        help="print model.summary() and the parameter count",
+        description="Print model.summary() and the parameter count.",
+    )
+    summary.add_argument(
+        "--line-length", type=int, default=None, metavar="N",
+        help="width of the summary table (default: Keras's)",
+    )
+
+    plot = commands.add_parser(
+        "plot", parents=[model_options],
+        help="draw the model with keras.utils.plot_model (needs Graphviz)",
+        description=(
+            "Draw the model with keras.utils.plot_model, layer names and shapes "
+            "shown. The file type follows the extension (.png, .svg, .pdf, .dot)."
+        ),
+    )
+    plot.add_argument("--output", required=True, metavar="FILE",
+                      help="image to write, e.g. att_unet.png")
+    plot.add_argument("--rankdir", choices=("TB", "LR"), default="TB",
+                      help="TB: top to bottom, LR: left to right (default: TB)")
+    plot.add_argument("--dpi", type=_positive_int, default=96,
+                      help="resolution in dots per inch (default: 96)")
+    plot.add_argument(
+        "--splines", choices=("ortho", "polyline", "spline", "line"), default="ortho",
+        help="edge style (default: ortho, as plot_model; when Graphviz's orthogonal "
+             "router fails on a graph, the plot is drawn with polyline edges)",
+    )
+    plot.add_argument("--overwrite", action="store_true",
+                      help="replace FILE when it exists")
+
+    export = commands.add_parser(
+        "export", parents=[model_options],
+        help="export to SavedModel (TF Serving), ONNX or LiteRT, reloaded and checked",
+        description=(
+            "Export the model, reload the export and compare it with Keras on a random "
+            "batch. savedmodel: TF Serving's layout OUTPUT/1/ with the signatures "
+            "'probabilities' (= serving_default) and 'mask' (uint8). onnx: an .onnx "
+            "file (needs tf2onnx; checked with onnxruntime when installed). litert: a "
+            ".tflite file, float32 or --quantize int8 (calibrated on the training "
+            "tiles of --run). Every export is written beside OUTPUT and renamed into "
+            "place only when complete and checked."
+        ),
+    )
+    export.add_argument("--output", required=True, metavar="PATH",
+                        help="folder (savedmodel), .onnx or .tflite file to create")
+    export.add_argument("--format", choices=("savedmodel", "onnx", "litert"),
+                        default="savedmodel", help="export format (default: savedmodel)")
+    export.add_argument("--quantize", choices=("int8",), default=None,
+                        help="LiteRT only: int8 post-training quantization")
+    export.add_argument("--threshold", type=_probability, default=0.5,
+                        help="threshold of the SavedModel's mask signature for sigmoid "
+                             "outputs (default: 0.5)")
+    export.add_argument("--overwrite", action="store_true",
+                        help="replace OUTPUT when it exists")
+    export.add_argument("--seed", type=int, default=0,
+                        help="seed of the random check batch (default: 0)")
+
+    _add_train_parser(commands)
+
+    evaluate = commands.add_parser(
+        "evaluate", help="held-out Dice and IoU of a run, next to an Otsu baseline",
+        description=(
+            "Print the held-out Dice and IoU of a training run's best model and of an "
+            "Otsu threshold on the same held-out pixels."
+        ),
+    )
+    evaluate.add_argument("run", metavar="RUN_DIR", help="folder of a training run")
+    evaluate.add_argument("--model", metavar="FILE.keras",
+                          help="evaluate this saved model on the run's held-out data "
+                               "instead of the run's best (it must take the run's "
+                               "channels and give its classes)")
+    evaluate.add_argument("--json", action="store_true", help="print JSON")
+
+    predict = commands.add_parser(
+        "predict", help="write masks and overlay PNGs for an image or a folder",
+        description=(
+            "Write NAME_mask.png (0/255 for binary models, class indices otherwise) "
+            "and NAME_overlay.png for each image. Without IMAGE, a run's held-out "
+            "images are used."
+        ),
+    )
+    predict.add_argument("input", nargs="?", metavar="IMAGE_OR_FOLDER",
+                         help="a PNG/JPEG/TIFF image or a folder of them")
+    _trained_model_options(predict.add_argument_group("model"), required=True)
+    predict.add_argument("--output", required=True, metavar="DIR",
+                         help="folder for the PNGs (created)")
+    predict.add_argument("--threshold", type=_probability, default=0.5,
+                         help="probability threshold of binary models, in (0, 1) "
+                              "(default: 0.5)")
+    _channels_option(predict)
+    predict.add_argument("--overwrite", action="store_true",
+                         help="replace PNGs that exist")
+
+    attention = commands.add_parser(
+        "attention", help="one figure of every attention gate's coefficients",
+        description=(
+            "Draw the image, the prediction and the sigmoid attention map of every "
+            "gate (deepest first) in one figure. Without IMAGE, a run's first "
+            "held-out image is used."
+        ),
+    )
+    attention.add_argument("input", nargs="?", metavar="IMAGE",
+                           help="a PNG/JPEG/TIFF image")
+    _trained_model_options(attention.add_argument_group("model"), required=True)
+    attention.add_argument("--output", required=True, metavar="FILE.png",
+                           help="the figure to write")
+    attention.add_argument("--overwrite", action="store_true",
+                           help="replace FILE when it exists")
+    _channels_option(attention)
+    return parser
+
+
+def _add_train_parser(commands):
+    defaults = TRAIN_DEFAULTS
+    train = commands.add_parser(
+        "train", help="train on nuclei, brain or a folder of images and masks",
+        description=(
+            "Train an att_unet with Keras fit. The run folder gets config.json, "
+            "best.keras (best held-out Dice), last.keras, log.csv, tensorboard/ and "
+            "result.json. A run that was killed resumes from its last backup when "
+            "the same command is run again."
+        ),
+    )
+    train.add_argument("--dataset", required=True, metavar="nuclei|brain|PATH",
+                       help="built-in dataset, or a folder with images/ and masks/")
+    train.add_argument("--output", required=True, metavar="DIR", help="the run folder")
+    train.add_argument("--epochs", type=int, default=defaults.epochs,
+                       help=f"epochs (default: {defaults.epochs})")
+    train.add_argument("--steps-per-epoch", type=int, default=None, metavar="N",
+                       help="batches per epoch (default: one pass over the tiles)")
+    train.add_argument("--batch-size", type=int, default=defaults.batch_size,
+                       metavar="N", help=f"batch size (default: {defaults.batch_size})")
+    train.add_argument("--learning-rate", type=float, default=defaults.learning_rate,
+                       metavar="LR", help=f"Adam (default: {defaults.learning_rate})")
+    train.add_argument("--loss", choices=LOSSES, default=defaults.loss,
+                       help=f"loss (default: {defaults.loss}; bce and focal are "
+                            "categorical for several classes)")
+    train.add_argument("--seed", type=int, default=defaults.seed,
+                       help=f"seed (default: {defaults.seed})")
+    train.add_argument("--depth", type=int, default=defaults.depth, metavar="N",
+                       help=f"att_unet depth (default: {defaults.depth})")
+    train.add_argument("--features", type=int, default=defaults.features, metavar="N",
+                       help=f"att_unet base features (default: {defaults.features})")
+    train.add_argument("--tile", type=int, default=defaults.tile, metavar="N",
+                       help=f"tile side for nuclei and folders (default: {defaults.tile})")
+    train.add_argument("--data-format", choices=("channels_first", "channels_last"),
+                       default=defaults.data_format,
+                       help=f"layout (default: {defaults.data_format}, faster on CPUs)")
+    train.add_argument("--n-label", type=int, default=None, metavar="N",
+                       help="classes of a folder dataset: 1 for binary masks")
+    variants = train.add_argument_group("architecture options (att_unet)")
+    variants.add_argument("--dropout", type=float, default=defaults.dropout,
+                          metavar="RATE", help=f"dropout rate (default: {defaults.dropout})")
+    variants.add_argument("--batch-norm", action="store_true",
+                          help="Conv-BN-ReLU, and BN in the gates")
+    variants.add_argument("--upsampling", choices=("nearest", "bilinear", "transpose"),
+                          default=defaults.upsampling,
+                          help=f"decoder up-sampling (default: {defaults.upsampling})")
+    variants.add_argument("--gate", choices=("additive", "grid"), default=defaults.gate,
+                          help=f"attention gate (default: {defaults.gate})")
+    variants.add_argument("--deep-supervision", action="store_true",
+                          help="extra 1x1 heads at the lower decoder levels, "
+                               "loss weights 0.5**(level-1)")
+    train.add_argument("--backup-every", type=int, default=defaults.backup_every,
+                       metavar="N", help="steps between resumable backups "
+                                         f"(default: {defaults.backup_every})")
+    train.add_argument("--overwrite", action="store_true",
+                       help="delete an existing run in DIR and start again")
+    scale = train.add_argument_group("distribution and precision")
+    scale.add_argument("--strategy", choices=STRATEGIES, default=defaults.strategy,
+                       help="tf.distribute strategy (default: auto = TPU if found, "
+                            "mirrored over several GPUs, else one device); --batch-size "
+                            "is then per replica")
+    scale.add_argument("--precision", choices=PRECISIONS,
+                       default=defaults.precision,
+                       help=f"Keras dtype policy (default: {defaults.precision}); the "
+                            "output layer stays float32")
+    scale.add_argument("--jit-compile", choices=JIT_CHOICES,
+                       default=defaults.jit_compile,
+                       help="XLA (default: auto = off under several replicas, where "
+                            "it fails, and on CPUs)")
+    scale.add_argument("--cpu-devices", type=_positive_int, default=None, metavar="N",
+                       help="split the CPU into N logical devices, so 'mirrored' has N "
+                            "replicas without a GPU (testing)")
+    scale.add_argument("--cluster-timeout", type=_positive_int,
+                       default=defaults.cluster_timeout, metavar="SECONDS",
+                       help="multiworker: seconds to wait for every worker to join "
+                            f"before giving up (default: {defaults.cluster_timeout})")
+    train.add_argument("--verbose", choices=("auto", "0", "1", "2"), default="auto",
+                       help="Keras fit output: 1 progress bar, 2 one line per epoch "
+                            "(default: auto)")
+
+
+# TensorFlow's notices while its libraries load (see the module docstring).
+_STARTUP_NOTICES = (
+    "All log messages before absl::InitializeLog() is called",
+    "port.cc:", "cudart_stub.cc:", "cpu_feature_guard.cc:", "cuda_platform.cc:",
+    "To enable the following instructions:",
+)
+
+
+def _import_commands(quiet):
+    """Imports `attunet_keras.cli` (and TensorFlow); with `quiet`, drops TF's notices."""
+    if not quiet or "tensorflow" in sys.modules:
+        from attunet_keras import cli
+
+        return cli
+    import tempfile
+
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as capture:
+        os.dup2(capture.fileno(), 2)
+        try:
+            from attunet_keras import cli
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            capture.seek(0)
+            lines = capture.read().decode(errors="replace").splitlines(keepends=True)
+            sys.stderr.write("".join(line for line in lines
+                                     if not any(n in line for n in _STARTUP_NOTICES)))
+    return cli
+
+
+def main(argv=None):
+    """Runs the command line; returns the exit status."""
+    quiet = "TF_CPP_MIN_LOG_LEVEL" not in os.environ
+    if quiet:
+        os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    return _import_commands(quiet).run(parser, args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
