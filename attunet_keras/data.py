@@ -115,6 +115,13 @@ def read_image(path):
         raise ValueError(
             f"{path}: expected a 2D image (H, W) or (H, W, C), got shape {array.shape}."
         )
+    if array.dtype.kind == "f":
+        bad = int(array.size - np.count_nonzero(np.isfinite(array)))
+        if bad:
+            raise ValueError(
+                f"{path}: {bad} pixel(s) are NaN or infinite; only finite values can be "
+                "normalised. Fix or remove the file."
+            )
     return array
 
 
@@ -436,6 +443,12 @@ def find_pairs(path):
 def _load_pair(image_path, mask_path, n_label):
     image = read_image(image_path)
     mask = read_image(mask_path)
+    if mask.dtype.kind not in "uib":
+        raise ValueError(
+            f"{mask_path}: masks must be integer label images; this one is "
+            f"{mask.dtype} (a float mask would be truncated). Save the labels as "
+            "integers (e.g. uint8 PNG or TIFF)."
+        )
     if mask.ndim == 3:
         if mask.shape[-1] == 1 or np.all(mask == mask[..., :1]):
             mask = mask[..., 0]

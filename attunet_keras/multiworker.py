@@ -16,15 +16,24 @@ cluster and that process's index, e.g. for two workers on one machine:
                 "task": {"type": "worker", "index": 0}}' attunet-keras train ...
     TF_CONFIG='{... "task": {"type": "worker", "index": 1}}' attunet-keras train ...
 
-`--batch-size` is per worker replica. When a worker dies, the others stop with an
-error within `COLLECTIVE_TIMEOUT_SECONDS`; starting every worker again with the same
-command resumes from the chief's last backup.
+`--batch-size` is per worker replica. Before it starts, a worker checks that it can
+listen on its own port (and stops naming the port when it cannot); every worker then
+waits at most `cluster_timeout` seconds (`--cluster-timeout`) for the others to join,
+and stops with a message naming the cluster when they do not. TensorFlow's wait for
+the cluster cannot be interrupted, so a watchdog process prints the message and ends
+the waiting process (SIGKILL, exit status 137).
+When a worker dies later, the others stop with an error within
+`COLLECTIVE_TIMEOUT_SECONDS`; starting every worker again with the same command
+resumes from the chief's last backup.
 """
 
+import contextlib
 import csv
 import json
 import os
 import shutil
+import socket
+import sys
 
 import keras
 import numpy as np
@@ -34,6 +43,7 @@ from attunet_keras import distribute
 from attunet_keras import training
 
 COLLECTIVE_TIMEOUT_SECONDS = 60
+CLUSTER_TIMEOUT_SECONDS = 300
 
 
 def task():
@@ -48,32 +58,116 @@ def task():
         ) from error
 
 
+def own_address():
+    """`host:port` of this worker in `TF_CONFIG`'s cluster."""
+    task_type, task_index = task()
+    try:
+        return json.loads(os.environ["TF_CONFIG"])["cluster"][task_type][task_index]
+    except (KeyError, IndexError, TypeError) as error:
+        raise ValueError(
+            f"TF_CONFIG's cluster has no address for task {task_type} {task_index} "
+            f"({error!r})."
+        ) from error
+
+
+def check_port_free(address):
+    """Raises a RuntimeError naming the port when this process cannot listen on it."""
+    host, _, port = address.rpartition(":")
+    try:
+        port = int(port)
+    except ValueError:
+        raise ValueError(f"TF_CONFIG address {address!r} has no port number.") from None
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        try:
+            probe.bind((host.strip("[]") or "localhost", port))
+        except OSError as error:
+            raise RuntimeError(
+                f"this worker cannot listen on {address} (port {port}): "
+                f"{error.strerror or error}. Free the port or give this worker another "
+                "one in every worker's TF_CONFIG."
+            ) from error
+
+
+# Run by `deadline` in a process of its own: TensorFlow holds the interpreter lock while
+# it waits for the cluster, so no thread of the waiting process can act.
+_WATCHDOG = """
+import os, signal, sys, time
+pid, seconds, message = int(sys.argv[1]), float(sys.argv[2]), sys.argv[3]
+time.sleep(seconds)
+sys.stderr.write("attunet-keras train: error: " + message + "\\n")
+sys.stderr.flush()
+os.kill(pid, signal.SIGKILL)
+"""
+
+
+@contextlib.contextmanager
+def deadline(seconds, message):
+    """Ends this process with `message` unless the block finishes within `seconds`.
+
+    For waits inside TensorFlow's C++ runtime, which hold the interpreter lock and
+    ignore SIGTERM: a watchdog process prints `message` and kills this one (SIGKILL,
+    exit status 137 in a shell).
+    """
+    import subprocess
+
+    watchdog = subprocess.Popen(
+        [sys.executable, "-c", _WATCHDOG, str(os.getpid()), str(seconds), message],
+        stdin=subprocess.DEVNULL)
+    try:
+        yield
+    finally:
+        watchdog.kill()
+        watchdog.wait()
+
+
 def is_chief(task_type, task_index):
     return task_type == "chief" or (task_type == "worker" and task_index == 0)
 
 
-def train(config, *, overwrite=False, verbose="auto"):
-    """Trains (or resumes) `config` as one worker of a multi-worker cluster."""
+def train(config, *, overwrite=False, verbose="auto", cluster_timeout=CLUSTER_TIMEOUT_SECONDS):
+    """Trains (or resumes) `config` as one worker of a multi-worker cluster.
+
+    Args:
+        config: training.TrainConfig with `strategy="multiworker"`.
+        overwrite: bool. Replace an earlier run in the output folder (chief only).
+        verbose: Keras-style verbosity.
+        cluster_timeout: int. Seconds to wait for every worker to join; past them
+            the process stops (exit 2) with a message naming the cluster.
+    """
     import tensorflow as tf
 
+    config.validate()
     if "TF_CONFIG" not in os.environ:
         raise ValueError(
             "strategy='multiworker' needs the TF_CONFIG environment variable (cluster "
             "addresses and this worker's index); see attunet_keras.multiworker."
         )
+    if config.strategy != "multiworker":
+        raise ValueError(f"multiworker.train needs strategy='multiworker', not "
+                         f"{config.strategy!r}.")
     task_type, task_index = task()
     chief = is_chief(task_type, task_index)
+    address = own_address()
+    check_port_free(address)
     output = os.path.abspath(config.output)
     if chief:
-        resuming = training.prepare_output(config, output, overwrite)
+        resuming = training.check_output(config, output, overwrite)
     else:
         resuming = training.backup_progress(os.path.join(output, training.BACKUP_DIR)) \
             is not None
     dataset = training.load_data(config)
-    strategy = tf.distribute.MultiWorkerMirroredStrategy(
-        communication_options=tf.distribute.experimental.CommunicationOptions(
-            timeout_seconds=COLLECTIVE_TIMEOUT_SECONDS))
+    cluster = json.loads(os.environ["TF_CONFIG"])["cluster"]
+    with deadline(cluster_timeout,
+                  f"worker {task_index} ({address}): the other workers of {cluster} did "
+                  f"not join within {cluster_timeout} s (--cluster-timeout). Check that "
+                  "every worker was started with the same TF_CONFIG and can reach the "
+                  "others' ports."):
+        strategy = tf.distribute.MultiWorkerMirroredStrategy(
+            communication_options=tf.distribute.experimental.CommunicationOptions(
+                timeout_seconds=COLLECTIVE_TIMEOUT_SECONDS))
     global_batch, steps = training.batching(config, strategy, dataset)
+    if chief:
+        training.start_output(config, output, overwrite, resuming)
     with distribute.precision_policy(config.precision):
         try:
             return _run(config, output, resuming, dataset, strategy, global_batch, steps,

@@ -29,6 +29,7 @@ import numpy as np
 
 from attunet_keras import _validation
 from attunet_keras import data as data_lib
+from attunet_keras import inference
 from attunet_keras import losses as losses_lib
 from attunet_keras import metrics as metrics_lib
 
@@ -40,6 +41,8 @@ LOG_FILE = "log.csv"
 BACKUP_DIR = "backup"
 MONITOR = "val_dice"
 DEEP_SUPERVISION_DECAY = 0.5
+# Multi-Otsu's cost grows combinatorially with the classes (6 classes: 78 s on 2 cores).
+MAX_OTSU_CLASSES = 5
 _STATE = "state"
 _WEIGHTS = "latest.weights.h5"
 _PROGRESS = "progress.json"
@@ -309,17 +312,20 @@ def train(config, *, overwrite=False, verbose="auto"):
     from attunet_keras import distribute
 
     config.validate()
+    if config.strategy == "multiworker":
+        raise ValueError(
+            "strategy='multiworker' runs one process per worker with its own loop: call "
+            "attunet_keras.multiworker.train (attunet-keras train --strategy multiworker)."
+        )
     distribute.check_precision_on_device(config.precision, config.data_format)
     output = os.path.abspath(config.output)
-    if config.strategy == "multiworker":
-        from attunet_keras import multiworker
-
-        return multiworker.train(config, overwrite=overwrite, verbose=verbose)
-    resuming = prepare_output(config, output, overwrite)
+    # Every check first; the run folder is written only once they have all passed.
+    resuming = check_output(config, output, overwrite)
     dataset = load_data(config)
     strategy = distribute.get_strategy(config.strategy)
     global_batch, steps = batching(config, strategy, dataset)
     jit_compile = distribute.resolve_jit_compile(config.jit_compile, strategy)
+    start_output(config, output, overwrite, resuming)
     with distribute.precision_policy(config.precision):
         return _fit(config, output, resuming, dataset, strategy, global_batch, steps,
                     jit_compile, verbose)
@@ -398,40 +404,95 @@ def _fit(config, output, resuming, dataset, strategy, global_batch, steps, jit_c
 
 
 def prepare_output(config, output, overwrite):
-    """Creates the run folder; True when an interrupted run of `config` is resumed."""
-    config_path = os.path.join(output, CONFIG_FILE)
-    if overwrite and os.path.isdir(output):
-        shutil.rmtree(output)
+    """`check_output` then `start_output`: True when an interrupted run is resumed."""
+    resuming = check_output(config, output, overwrite)
+    start_output(config, output, overwrite, resuming)
+    return resuming
+
+
+def is_run_folder(folder):
+    """True when `folder` holds a run of this package: a readable config.json and a log."""
+    if not (os.path.isdir(folder) and os.path.isfile(os.path.join(folder, LOG_FILE))):
+        return False
+    try:
+        read_config(folder)
+    except (ValueError, FileNotFoundError):
+        return False
+    return True
+
+
+def check_output(config, output, overwrite):
+    """Checks the run folder without writing anything; True when a run is resumed.
+
+    A new or empty folder starts a run; a folder holding an interrupted run with the
+    same settings resumes it. `overwrite` replaces only a folder that holds a run of
+    this package (`is_run_folder`), and never a folder that holds the dataset.
+    """
     if os.path.exists(output) and not os.path.isdir(output):
         raise ValueError(f"output {output} exists and is not a folder.")
-    if os.path.isdir(output) and os.listdir(output):
-        if not os.path.isfile(config_path):
+    if config.dataset not in data_lib.BUILTIN:
+        dataset = os.path.realpath(config.dataset)
+        real_output = os.path.realpath(output)
+        if dataset == real_output or dataset.startswith(real_output + os.sep):
             raise ValueError(
-                f"output {output} is a non-empty folder without a run's {CONFIG_FILE}; "
-                "choose an empty or new folder."
+                f"output {output} holds the dataset {config.dataset}; choose a run folder "
+                "outside it."
             )
-        with open(config_path) as file:
-            previous = json.load(file)
-        current = config.to_json()
-        differences = [
-            f"{key}: {previous.get(key)!r} -> {current[key]!r}"
-            for key in current if previous.get(key) != current[key]
-        ]
-        if differences:
+    if not (os.path.isdir(output) and os.listdir(output)):
+        return False
+    if overwrite:
+        if not is_run_folder(output):
             raise ValueError(
-                f"output {output} holds a run with other settings "
-                f"({'; '.join(differences)}); use another --output, the same "
-                "settings to resume it, or --overwrite to start again."
+                f"output {output} is not a run of attunet_keras (no readable "
+                f"{CONFIG_FILE} with a {LOG_FILE}); --overwrite only replaces a run. "
+                "Choose a new folder."
             )
-        if os.path.isfile(os.path.join(output, RESULT_FILE)):
-            raise ValueError(
-                f"output {output} holds a finished run; use another --output, or "
-                "--overwrite to train it again."
-            )
-        return backup_progress(os.path.join(output, BACKUP_DIR)) is not None
+        return False
+    config_path = os.path.join(output, CONFIG_FILE)
+    if not os.path.isfile(config_path):
+        raise ValueError(
+            f"output {output} is a non-empty folder without a run's {CONFIG_FILE}; "
+            "choose an empty or new folder."
+        )
+    previous = _read_json(config_path)
+    current = config.to_json()
+    differences = [
+        f"{key}: {previous.get(key)!r} -> {current[key]!r}"
+        for key in current if previous.get(key) != current[key]
+    ]
+    if differences:
+        raise ValueError(
+            f"output {output} holds a run with other settings "
+            f"({'; '.join(differences)}); use another --output, the same "
+            "settings to resume it, or --overwrite to start again."
+        )
+    if os.path.isfile(os.path.join(output, RESULT_FILE)):
+        raise ValueError(
+            f"output {output} holds a finished run; use another --output, or "
+            "--overwrite to train it again."
+        )
+    return backup_progress(os.path.join(output, BACKUP_DIR)) is not None
+
+
+def start_output(config, output, overwrite, resuming):
+    """Creates the run folder (replacing a run with `overwrite`) and writes config.json."""
+    if resuming:
+        return
+    if overwrite and os.path.isdir(output) and os.listdir(output):
+        shutil.rmtree(output)
     os.makedirs(output, exist_ok=True)
-    write_json(config_path, config.to_json())
-    return False
+    write_json(os.path.join(output, CONFIG_FILE), config.to_json())
+
+
+def _read_json(path):
+    try:
+        with open(path) as file:
+            values = json.load(file)
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{path} is not valid JSON ({error}).") from error
+    if not isinstance(values, dict):
+        raise ValueError(f"{path} does not hold a JSON object.")
+    return values
 
 
 def trim_log(log_path, first_epoch, monitor):
@@ -467,17 +528,46 @@ def read_config(run_dir):
         raise FileNotFoundError(
             f"{run_dir} is not a training run: it has no {CONFIG_FILE}."
         )
-    with open(path) as file:
-        return TrainConfig(**json.load(file))
+    values = _read_json(path)
+    fields = {field.name for field in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(values) - fields)
+    if unknown or "dataset" not in values:
+        raise ValueError(
+            f"{path} is not the config.json of an attunet_keras run (unknown keys "
+            f"{unknown[:5]}, or no 'dataset')."
+        )
+    return TrainConfig(**values)
 
 
 def load_run_model(run_dir):
     """The best checkpoint of a run (the last model when no checkpoint was kept)."""
+    read_config(run_dir)  # a clear error for a folder that is not a run
     for name in (BEST_MODEL, LAST_MODEL):
         path = os.path.join(run_dir, name)
         if os.path.isfile(path):
-            return keras.saving.load_model(path, safe_mode=True)
-    raise FileNotFoundError(f"{run_dir} holds no {BEST_MODEL} or {LAST_MODEL} yet.")
+            return inference.load_model(path)
+    raise FileNotFoundError(
+        f"{run_dir} holds no {BEST_MODEL} or {LAST_MODEL} yet: the run has not finished "
+        "an epoch (run the same train command again to resume it)."
+    )
+
+
+def check_model_fits(model, dataset, what="the model"):
+    """Refuses a model of another task: other channels in or out, or volumes."""
+    if inference.is_volume_model(model):
+        raise ValueError(f"{what} is a 3D model; the run's dataset {dataset.name!r} is 2D.")
+    outputs, inputs = inference.output_channels(model), inference.input_channels(model)
+    if outputs != dataset.n_label:
+        task = "binary (1 channel)" if dataset.n_label == 1 else f"{dataset.n_label} classes"
+        raise ValueError(
+            f"{what} gives {outputs} output channel(s) but the run's dataset "
+            f"{dataset.name!r} is {task}: it is a model of another task."
+        )
+    if inputs != dataset.in_channels:
+        raise ValueError(
+            f"{what} takes {inputs} input channel(s) but the run's images have "
+            f"{dataset.in_channels}."
+        )
 
 
 def evaluate_run(run_dir, *, dataset=None, model=None):
@@ -489,25 +579,39 @@ def evaluate_run(run_dir, *, dataset=None, model=None):
     """
     config = read_config(run_dir)
     dataset = dataset or load_data(config)
-    model = model or load_run_model(run_dir)
+    if model is None:
+        model = load_run_model(run_dir)
+    else:
+        check_model_fits(model, dataset)
     return evaluate_model(model, dataset, config)
 
 
 def evaluate_model(model, dataset, config):
-    """Held-out Dice and IoU of `model` on `dataset`, next to the Otsu baseline."""
+    """Held-out Dice and IoU of `model` on `dataset`, next to the Otsu baseline.
+
+    The batches follow the model's own layout, so a model of another layout than the
+    run's is evaluated correctly.
+    """
+    data_format = inference.model_data_format(model)
     val_data = data_lib.make_dataset(
         dataset.val, dataset.n_label, config.batch_size, training=False,
-        data_format=config.data_format)
+        data_format=data_format)
     metrics = metrics_lib.segmentation_metrics(
-        dataset.n_label, dataset.class_names, config.data_format)
+        dataset.n_label, dataset.class_names, data_format)
     for images, targets in val_data:
         predictions = main_output(model(images, training=False))
         for metric in metrics:
             metric.update_state(targets, predictions)
     scores = {metric.name: float(metric.result()) for metric in metrics}
-    baseline = otsu_scores(dataset.val, dataset.n_label, dataset.class_names)
-    return {"dataset": dataset.name, "held_out_tiles": len(dataset.val),
-            "model": scores, "otsu": baseline}
+    result = {"dataset": dataset.name, "held_out_tiles": len(dataset.val),
+              "model": scores, "otsu": None}
+    if dataset.n_label > MAX_OTSU_CLASSES:
+        result["otsu_note"] = (
+            f"no Otsu baseline: multi-Otsu is skipped above {MAX_OTSU_CLASSES} classes, "
+            "where its search takes minutes to hours")
+    else:
+        result["otsu"] = otsu_scores(dataset.val, dataset.n_label, dataset.class_names)
+    return result
 
 
 def otsu_scores(split, n_label, class_names):

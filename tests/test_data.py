@@ -241,3 +241,31 @@ def test_normalize_maps_percentiles_to_unit_range():
     assert normalized.shape == (100, 100, 1) and normalized.dtype == np.float32
     assert normalized.min() == 0.0 and normalized.max() == 1.0
     assert abs(float(np.median(normalized)) - 0.5) < 0.01
+
+
+def _pair_folder(root, image, mask, name="a"):
+    for sub in ("images", "masks"):
+        (root / sub).mkdir(parents=True, exist_ok=True)
+    tifffile.imwrite(root / "images" / f"{name}.tif", image)
+    tifffile.imwrite(root / "masks" / f"{name}.tif", mask)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_nan_or_inf_pixels_are_refused_naming_the_file(tmp_path, bad):
+    image = np.random.default_rng(0).random((32, 32)).astype("float32")
+    image[3, 4] = bad
+    mask = np.zeros((32, 32), "uint8")
+    _pair_folder(tmp_path, image, mask, "bad")
+    _pair_folder(tmp_path, np.full((32, 32), 0.5, "float32"), mask, "good")
+    with pytest.raises(ValueError, match=r"bad.tif: 1 pixel\(s\) are NaN or infinite"):
+        data.folder(str(tmp_path), 1, tile=32)
+
+
+def test_float_masks_are_refused_naming_the_file(tmp_path):
+    image = np.random.default_rng(0).random((32, 32)).astype("float32")
+    mask = np.full((32, 32), 0.7, "float32")
+    _pair_folder(tmp_path, image, mask, "a")
+    _pair_folder(tmp_path, image, np.zeros((32, 32), "uint8"), "b")
+    with pytest.raises(ValueError, match=r"a.tif: masks must be integer label images; this "
+                                         r"one is float32"):
+        data.folder(str(tmp_path), 1, tile=32)

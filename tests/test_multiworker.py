@@ -129,3 +129,23 @@ def test_a_killed_worker_stops_the_other_and_both_resume(tmp_path):
     with open(output / "log.csv") as file:
         assert [row["epoch"] for row in csv.DictReader(file)] == ["0", "1", "2"]
     assert (output / "result.json").is_file() and not (output / "backup").exists()
+
+
+def test_a_taken_port_is_named_and_the_peer_gives_up_in_time(tmp_path):
+    ports = _free_ports(2)
+    taken = socket.socket()
+    taken.bind(("localhost", ports[1]))
+    taken.listen()
+    try:
+        started = time.time()
+        processes = _start_workers(tmp_path / "run", ["--cluster-timeout", "20"], ports)
+        outputs = _finish(processes, timeout=150)
+        elapsed = time.time() - started
+    finally:
+        taken.close()
+    # worker 1 stops with the port named; worker 0 is ended by its watchdog (SIGKILL)
+    assert [p.returncode for p in processes] == [-signal.SIGKILL, 2], outputs
+    assert f"cannot listen on localhost:{ports[1]} (port {ports[1]})" in outputs[1]
+    assert "did not join within 20 s (--cluster-timeout)" in outputs[0]
+    assert elapsed < 120
+    assert not (tmp_path / "run").exists()

@@ -185,3 +185,109 @@ def test_a_killed_run_resumes_where_it_was(tmp_path):
         epochs_after = [row["epoch"] for row in csv.DictReader(file)]
     assert epochs_after == ["0", "1", "2", "3"]  # every epoch logged once
     assert (output / "result.json").exists() and not (output / "backup").exists()
+
+
+def test_overwrite_refuses_a_folder_that_is_not_a_run(tmp_path):
+    folder = tmp_path / "run"
+    folder.mkdir()
+    (folder / "thesis.tex").write_text("precious")
+    with pytest.raises(ValueError, match=r"is not a run of attunet_keras .* --overwrite "
+                                         r"only replaces a run"):
+        training.train(_tiny_config(tmp_path), overwrite=True, verbose=0)
+    assert (folder / "thesis.tex").read_text() == "precious"
+
+
+@pytest.mark.parametrize("where", ["same", "parent"])
+def test_the_run_folder_may_never_hold_the_dataset(tmp_path, where):
+    from PIL import Image
+
+    dataset = tmp_path / "set"
+    for sub in ("images", "masks"):
+        (dataset / sub).mkdir(parents=True)
+        for name in ("a", "b"):
+            Image.fromarray(np.zeros((64, 64), "uint8")).save(dataset / sub / f"{name}.png")
+    output = dataset if where == "same" else tmp_path
+    config = _tiny_config(tmp_path, dataset=str(dataset), n_label=1, output=str(output))
+    with pytest.raises(ValueError, match=r"holds the dataset"):
+        training.train(config, overwrite=True, verbose=0)
+    assert sorted(os.listdir(dataset / "images")) == ["a.png", "b.png"]
+
+
+def test_a_failed_start_writes_nothing(tmp_path):
+    # The check that fails (batch larger than the training tiles) needs the data loaded.
+    config = _tiny_config(tmp_path, batch_size=10_000)
+    with pytest.raises(ValueError, match=r"larger than the .* training tiles"):
+        training.train(config, verbose=0)
+    assert not (tmp_path / "run").exists()
+    training.train(_tiny_config(tmp_path, epochs=1, steps_per_epoch=1), verbose=0)
+    assert (tmp_path / "run" / "result.json").is_file()
+
+
+@pytest.mark.parametrize("content, match", [
+    ("{not json", r"config.json is not valid JSON"),
+    ('{"model": "resnet", "lr": 1}', r"config.json is not the config.json of an "
+                                     r"attunet_keras run"),
+])
+def test_a_corrupt_or_foreign_config_is_named(tmp_path, content, match):
+    (tmp_path / "config.json").write_text(content)
+    with pytest.raises(ValueError, match=match):
+        training.read_config(str(tmp_path))
+
+
+def test_a_run_without_a_model_yet_says_so(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps(_tiny_config(tmp_path).to_json()))
+    with pytest.raises(FileNotFoundError, match=r"holds no best.keras or last.keras yet"):
+        training.load_run_model(str(tmp_path))
+
+
+def test_a_corrupt_best_model_is_not_reported_as_missing(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps(_tiny_config(tmp_path).to_json()))
+    (tmp_path / "best.keras").write_bytes(b"\x00" * 100)
+    with pytest.raises(ValueError, match=r"best.keras is not a Keras model file"):
+        training.load_run_model(str(tmp_path))
+
+
+def test_many_classes_skip_the_multi_otsu_baseline(tmp_path):
+    from attunet_keras import models
+
+    n_label = 7
+    rng = np.random.default_rng(0)
+    split = data.Split(rng.random((2, 32, 32, 1)).astype("float32"),
+                       rng.integers(0, n_label, (2, 32, 32)).astype("uint8"))
+    dataset = data.SegmentationData("seven", split, split, n_label,
+                                    tuple(f"c{i}" for i in range(n_label)), "test")
+    model = models.att_unet(32, 32, n_label, depth=2, features=4, in_channels=1,
+                            data_format="channels_last", output_activation="softmax")
+    result = training.evaluate_model(model, dataset, _tiny_config(tmp_path))
+    assert result["otsu"] is None
+    assert "multi-Otsu is skipped above 5 classes" in result["otsu_note"]
+    assert 0.0 <= result["model"]["dice"] <= 1.0
+
+
+def test_a_model_of_another_task_is_refused(tmp_path):
+    from attunet_keras import models
+
+    dataset = data.nuclei(tile=64, stride=64)
+    three_classes = models.att_unet(64, 64, 3, depth=2, features=4, in_channels=1,
+                                    output_activation="softmax")
+    with pytest.raises(ValueError, match=r"gives 3 output channel\(s\) but the run's dataset "
+                                         r"'nuclei' is binary .* another task"):
+        training.check_model_fits(three_classes, dataset)
+    rgb = models.att_unet(64, 64, 1, depth=2, features=4, in_channels=3)
+    with pytest.raises(ValueError, match=r"takes 3 input channel\(s\) but the run's images "
+                                         r"have 1"):
+        training.check_model_fits(rgb, dataset)
+
+
+def test_training_does_not_import_the_multiworker_loop():
+    """The dependency is one way: multiworker uses training, never the reverse."""
+    import ast
+
+    tree = ast.parse(open(training.__file__).read())
+    imported = {alias.name for node in ast.walk(tree)
+                if isinstance(node, (ast.Import, ast.ImportFrom)) for alias in node.names}
+    imported |= {node.module for node in ast.walk(tree)
+                 if isinstance(node, ast.ImportFrom) and node.module}
+    assert "multiworker" not in imported and "attunet_keras.multiworker" not in imported
+    with pytest.raises(ValueError, match=r"call attunet_keras.multiworker.train"):
+        training.train(training.TrainConfig(strategy="multiworker"), verbose=0)
