@@ -28,11 +28,13 @@ STRATEGIES = ("auto", "default", "one_device", "mirrored", "multiworker", "tpu")
 PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
 JIT_CHOICES = ("auto", "on", "off")
 CHANNEL_CONVERSIONS = ("gray", "rgb")
+BACKBONES = ("vgg16", "resnet50", "resnet50v2", "efficientnetb0", "efficientnetb1",
+             "efficientnetb2", "efficientnetb3", "mobilenetv2", "convnext_tiny")
 TRAIN_DEFAULTS = types.SimpleNamespace(
     epochs=30, batch_size=8, learning_rate=2e-3, loss="bce_dice", seed=0, depth=4,
     features=16, tile=128, data_format="channels_last", backup_every=5, dropout=0.2,
     upsampling="nearest", gate="additive", strategy="auto", precision="float32",
-    jit_compile="auto", cluster_timeout=300,
+    jit_compile="auto", cluster_timeout=300, freeze_epochs=0,
 )
 
 
@@ -337,6 +339,17 @@ def _add_train_parser(commands):
     variants.add_argument("--deep-supervision", action="store_true",
                           help="extra 1x1 heads at the lower decoder levels, "
                                "loss weights 0.5**(level-1)")
+    encoders = train.add_argument_group("pretrained encoder (keras.applications)")
+    encoders.add_argument("--backbone", choices=BACKBONES, default=None,
+                          help="use this application as the encoder (channels_last, tiles "
+                               "divisible by 32; see docs/architecture.md)")
+    encoders.add_argument("--backbone-weights", default=None, metavar="imagenet|PATH",
+                          help="imagenet (Keras downloads and caches them) or a weights "
+                               "file of the application without its top (default: random)")
+    encoders.add_argument("--freeze-epochs", type=int, default=defaults.freeze_epochs,
+                          metavar="N",
+                          help="train the decoder alone for N epochs, then unfreeze the "
+                               "encoder at a tenth of the learning rate (default: 0)")
     train.add_argument("--backup-every", type=int, default=defaults.backup_every,
                        metavar="N", help="steps between resumable backups "
                                          f"(default: {defaults.backup_every})")

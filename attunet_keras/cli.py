@@ -145,7 +145,7 @@ def _export(args):
     else:
         channels = inference.input_channels(model)
         size = (f"input any batch and size with {channels} channel(s) float32, padded "
-                f"to multiples of {2 ** inference.pooling_levels(model)} and cropped "
+                f"to multiples of {inference.size_multiple(model)} and cropped "
                 "back in the graph")
     outputs = len(model.outputs)
     main_only = f"; main output of {outputs}" if outputs > 1 else ""
@@ -187,7 +187,9 @@ def _train(args):
         data_format=args.data_format, n_label=args.n_label,
         backup_every=args.backup_every, dropout=args.dropout,
         batch_norm=args.batch_norm, upsampling=args.upsampling, gate=args.gate,
-        deep_supervision=args.deep_supervision, strategy=args.strategy,
+        deep_supervision=args.deep_supervision, backbone=args.backbone,
+        backbone_weights=args.backbone_weights, freeze_epochs=args.freeze_epochs,
+        strategy=args.strategy,
         precision=args.precision, jit_compile=args.jit_compile,
     )
     config.validate()
@@ -366,7 +368,7 @@ def _check_batch(model, seed):
 
     from attunet_keras import inference
 
-    multiple = 2 ** inference.pooling_levels(model)
+    multiple = inference.size_multiple(model)
     free_size = multiple * max(1, -(-64 // multiple))
     shape = [2] + [free_size if size is None else size for size in model.input.shape[1:]]
     return np.random.default_rng(seed).random(shape, dtype="float32")

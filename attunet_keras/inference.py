@@ -90,6 +90,16 @@ def pooling_levels(model):
                for layer in all_layers(model))
 
 
+def size_multiple(model):
+    """What every input size must be a multiple of: 2**pooling levels, or 32 with a
+    `keras.applications` backbone (its output is at stride 32)."""
+    from attunet_keras import layers as layers_lib
+
+    if any(isinstance(layer, layers_lib.BackbonePreprocessing) for layer in all_layers(model)):
+        return 32
+    return 2 ** pooling_levels(model)
+
+
 def fully_convolutional(model):
     """The same functional model and weights with free spatial input sizes."""
     import keras
@@ -134,7 +144,7 @@ def serving_model(model):
     free = _with_free_sizes(main)
     shape = list(free.inputs[0].shape[1:])
     images = keras.Input(shape=shape, name="images")
-    padded = layers_lib.PadToMultiple(2 ** pooling_levels(model), data_format,
+    padded = layers_lib.PadToMultiple(size_multiple(model), data_format,
                                       name="pad_to_multiple")(images)
     cropped = layers_lib.CropToReference(data_format, name="crop_to_image")(
         [free(padded), images])
@@ -233,7 +243,7 @@ def _run(model, image, normalized):
     if not normalized:
         image = data_lib.normalize(image)
     height, width = image.shape[:2]
-    padded, _ = data_lib.pad_to_multiple(image.astype("float32"), 2 ** pooling_levels(model))
+    padded, _ = data_lib.pad_to_multiple(image.astype("float32"), size_multiple(model))
     batch = padded[None]
     data_format = model_data_format(model)
     if data_format == "channels_first":

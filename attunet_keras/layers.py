@@ -5,6 +5,8 @@ one loads with `keras.saving.load_model` once `attunet_keras` is imported.
 
 - `SpatialSizeCheck`: the identity, raising a clear error when an image's spatial size
   is not a multiple of `2**depth` (`att_unet` with free sizes puts it after its input).
+- `BackbonePreprocessing`: maps the package's [0, 1] images to what a
+  `keras.applications` backbone expects (see `backbones`).
 - `PadToMultiple` and `CropToReference`: pad every spatial axis at its end to a
   multiple (reflecting the image), and crop a prediction back to the size of the
   image; `inference.serving_model` puts them around a model so that it takes any size.
@@ -148,4 +150,44 @@ class CropToReference(keras.layers.Layer):
     def get_config(self):
         config = super().get_config()
         config.update(data_format=self.data_format)
+        return config
+
+
+@keras.saving.register_keras_serializable(package="attunet_keras")
+class BackbonePreprocessing(keras.layers.Layer):
+    """Maps [0, 1] RGB images (channels_last) to a `keras.applications` model's input.
+
+    Modes, as `keras.applications.imagenet_utils.preprocess_input`:
+    `"caffe"` (VGG16, ResNet50): 0..255, RGB to BGR, ImageNet means subtracted;
+    `"tf"` (ResNet50V2, MobileNetV2): -1..1; `"raw"` (EfficientNet, ConvNeXt, which
+    normalise inside the application): 0..255.
+
+    Args:
+        mode: str. One of `MODES`.
+    """
+
+    MODES = ("caffe", "tf", "raw")
+    _CAFFE_MEANS_BGR = (103.939, 116.779, 123.68)
+
+    def __init__(self, mode, **kwargs):
+        super().__init__(**kwargs)
+        if mode not in self.MODES:
+            raise ValueError(f"mode={mode!r} is not supported; expected one of {self.MODES}.")
+        self.mode = mode
+
+    def call(self, inputs):
+        if self.mode == "tf":
+            return inputs * 2.0 - 1.0
+        scaled = inputs * 255.0
+        if self.mode == "raw":
+            return scaled
+        bgr = ops.flip(scaled, axis=-1)
+        return bgr - ops.convert_to_tensor(self._CAFFE_MEANS_BGR, dtype=bgr.dtype)
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(mode=self.mode)
         return config

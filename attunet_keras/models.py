@@ -28,6 +28,9 @@ def att_unet(
     upsampling="nearest",
     gate="additive",
     deep_supervision=False,
+    backbone=None,
+    backbone_weights=None,
+    freeze_backbone=False,
     name="att_unet",
 ):
     """Builds the Attention U-Net of the reference Keras port.
@@ -70,6 +73,15 @@ def att_unet(
         deep_supervision: bool. Add a 1x1 head at every decoder level below the top,
             up-sampled to full size, as extra outputs `dec{k}_head_*` after the main
             output (which stays first). Needs depth >= 2. Defaults to False.
+        backbone: str or None. A `keras.applications` encoder (`backbones.BACKBONES`:
+            `"vgg16"`, `"resnet50"`, `"resnet50v2"`, `"efficientnetb0"`..`"b3"`,
+            `"mobilenetv2"`, `"convnext_tiny"`) under this package's attention
+            decoder; needs `channels_last`, depth 4 and sizes divisible by 32 (see
+            `attunet_keras.backbones`). None (the default) builds the reference.
+        backbone_weights: None, `"imagenet"` (Keras's own download and cache) or the
+            path of a weights file of the application with `include_top=False`.
+        freeze_backbone: bool. Freeze the encoder (its BatchNormalization then runs
+            in inference mode). Defaults to False.
         name: str. Name of the model. Defaults to `"att_unet"`.
 
     Returns:
@@ -229,6 +241,12 @@ def _check_fits_in_memory(rank, depth, features, in_channels):
 
 def _build(rank, sizes, options):
     data_format = check_arguments(rank, sizes, options)
+    if options.get("backbone") is not None:
+        from attunet_keras import backbones
+
+        backbones.check_backbone_arguments(sizes, dict(options, data_format=data_format))
+        return backbones.build(tuple(sizes.values()), options, _conv_block,
+                               _UP_AND_CONCAT[rank], _head)
     depth, features, n_label = options["depth"], options["features"], options["n_label"]
     spatial = tuple(sizes.values())
     if data_format == "channels_first":

@@ -41,6 +41,9 @@ LOG_FILE = "log.csv"
 BACKUP_DIR = "backup"
 MONITOR = "val_dice"
 DEEP_SUPERVISION_DECAY = 0.5
+# The learning rate of the second stage of two-stage fine-tuning (unfrozen encoder),
+# relative to `learning_rate`.
+FINE_TUNE_LEARNING_RATE_FACTOR = 0.1
 # Multi-Otsu's cost grows combinatorially with the classes (6 classes: 78 s on 2 cores).
 MAX_OTSU_CLASSES = 5
 _STATE = "state"
@@ -95,7 +98,7 @@ def save_backup(model, backup_dir, epoch, step):
     os.makedirs(staging)
     model.save_weights(os.path.join(staging, _WEIGHTS))
     with open(os.path.join(staging, _PROGRESS), "w") as file:
-        json.dump({"epoch": epoch, "step": step}, file)
+        json.dump({"epoch": epoch, "step": step, "frozen": encoder_frozen(model)}, file)
     shutil.rmtree(retired, ignore_errors=True)
     if os.path.isdir(state):
         os.rename(state, retired)
@@ -120,8 +123,17 @@ def backup_progress(backup_dir):
     return None
 
 
+def encoder_frozen(model):
+    """True when the model's pretrained encoder (a nested model) is frozen."""
+    return any(isinstance(layer, keras.Model) and not layer.trainable for layer in model.layers)
+
+
 def restore_backup(model, backup_dir):
-    """Loads the last backup into a compiled `model`; returns the epoch to resume at."""
+    """Loads the last backup into a compiled `model`; returns the epoch to resume at.
+
+    The model's encoder must be frozen or not as it was when the backup was taken
+    (`backup_progress(...)["frozen"]`): the optimizer's variables follow it.
+    """
     progress = backup_progress(backup_dir)
     if progress is None:
         return 0
@@ -154,6 +166,11 @@ class TrainConfig:
         dropout, batch_norm, upsampling, gate, deep_supervision: `att_unet` options.
             With deep supervision the head of decoder level k gets the loss weight
             0.5 ** (k - 1), and the metrics and the checkpoint follow the main output.
+        backbone: str or None. A `backbones.BACKBONES` encoder for `att_unet`.
+        backbone_weights: str or None. `"imagenet"` or a weights file of the encoder.
+        freeze_epochs: int. With a backbone, train the first `freeze_epochs` epochs
+            with the encoder frozen, then unfreeze it and go on at
+            `learning_rate * FINE_TUNE_LEARNING_RATE_FACTOR` (two-stage fine-tuning).
         strategy: str. A `distribute.STRATEGIES` name; `batch_size` is per replica.
         precision: str. `float32`, `mixed_float16` or `mixed_bfloat16`.
         jit_compile: str. `auto` (off under several replicas), `on` or `off`.
@@ -178,6 +195,9 @@ class TrainConfig:
     upsampling: str = "nearest"
     gate: str = "additive"
     deep_supervision: bool = False
+    backbone: str = None
+    backbone_weights: str = None
+    freeze_epochs: int = 0
     strategy: str = "auto"
     precision: str = "float32"
     jit_compile: str = "auto"
@@ -217,11 +237,35 @@ class TrainConfig:
                 raise ValueError(
                     f"{name}={value!r} is not supported; expected one of {choices}."
                 )
-        models.check_arguments(2, {"tile": self.tile}, dict(
+        options = dict(
             n_label=self.n_label or 1, depth=self.depth, features=self.features,
             data_format=self.data_format, in_channels=1, output_activation="sigmoid",
             dropout=self.dropout, batch_norm=self.batch_norm, upsampling=self.upsampling,
-            gate=self.gate, deep_supervision=self.deep_supervision, name="att_unet"))
+            gate=self.gate, deep_supervision=self.deep_supervision, name="att_unet",
+            backbone=self.backbone, backbone_weights=self.backbone_weights,
+            freeze_backbone=False)
+        models.check_arguments(2, {"tile": self.tile}, options)
+        _validation.check_int("freeze_epochs", self.freeze_epochs, 0)
+        if self.backbone is not None:
+            from attunet_keras import backbones
+
+            backbones.check_backbone_arguments({"tile": self.tile}, options)
+            if self.dataset == "brain":
+                raise ValueError(
+                    "the brain dataset's slices are 112x128, not multiples of 32, so they "
+                    "cannot go through a backbone; use nuclei or a folder dataset."
+                )
+        if self.freeze_epochs and self.backbone is None:
+            raise ValueError(
+                f"freeze_epochs={self.freeze_epochs} needs a backbone to freeze.")
+        if self.freeze_epochs >= self.epochs:
+            raise ValueError(
+                f"freeze_epochs={self.freeze_epochs} must be less than epochs={self.epochs} "
+                "(the encoder is unfrozen for the epochs after it)."
+            )
+        if self.freeze_epochs and self.strategy == "multiworker":
+            raise ValueError("freeze_epochs (two-stage fine-tuning) runs under Keras fit, "
+                             "not the multiworker loop.")
         if self.dataset not in data_lib.BUILTIN and not os.path.isdir(self.dataset):
             raise ValueError(
                 f"dataset={self.dataset!r} is neither a built-in dataset "
@@ -242,6 +286,8 @@ class TrainConfig:
         values["output"] = os.path.abspath(self.output)
         if self.dataset not in data_lib.BUILTIN:
             values["dataset"] = os.path.abspath(self.dataset)
+        if self.backbone_weights not in (None, "imagenet"):
+            values["backbone_weights"] = os.path.abspath(self.backbone_weights)
         return values
 
 
@@ -255,10 +301,11 @@ def load_data(config):
                            seed=config.seed)
 
 
-def build_model(config, dataset, jit_compile="auto"):
+def build_model(config, dataset, jit_compile="auto", frozen=False):
     """The `att_unet` of a run, compiled with its loss, Adam and Dice/IoU metrics.
 
-    Call it inside `strategy.scope()` and under the run's dtype policy.
+    Call it inside `strategy.scope()` and under the run's dtype policy. `frozen`
+    freezes a backbone's encoder.
     """
     from attunet_keras import models
 
@@ -269,24 +316,39 @@ def build_model(config, dataset, jit_compile="auto"):
         output_activation="sigmoid" if dataset.n_label == 1 else "softmax",
         dropout=config.dropout, batch_norm=config.batch_norm,
         upsampling=config.upsampling, gate=config.gate,
-        deep_supervision=config.deep_supervision,
+        deep_supervision=config.deep_supervision, backbone=config.backbone,
+        backbone_weights=config.backbone_weights, freeze_backbone=frozen,
     )
+    compile_model(model, config, dataset, config.learning_rate, jit_compile)
+    return model
+
+
+def unfreeze(model, config, dataset, jit_compile="auto"):
+    """Unfreezes a backbone's encoder and compiles again at the fine-tuning rate."""
+    for layer in model.layers:
+        if isinstance(layer, keras.Model):
+            layer.trainable = True
+    compile_model(model, config, dataset,
+                  config.learning_rate * FINE_TUNE_LEARNING_RATE_FACTOR, jit_compile)
+
+
+def compile_model(model, config, dataset, learning_rate, jit_compile="auto"):
+    """Compiles `model` with the run's loss, Adam at `learning_rate` and the metrics."""
     loss = losses_lib.get(config.loss, dataset.n_label, config.data_format)
     metrics = metrics_lib.segmentation_metrics(
         dataset.n_label, dataset.class_names, config.data_format)
     if len(model.outputs) == 1:
-        model.compile(optimizer=keras.optimizers.Adam(config.learning_rate), loss=loss,
+        model.compile(optimizer=keras.optimizers.Adam(learning_rate), loss=loss,
                       metrics=metrics, jit_compile=jit_compile)
-        return model
+        return
     # Deep supervision: outputs [main, dec2 head, dec3 head, ...].
     model.compile(
-        optimizer=keras.optimizers.Adam(config.learning_rate),
+        optimizer=keras.optimizers.Adam(learning_rate),
         loss=[loss] * len(model.outputs),
         loss_weights=[DEEP_SUPERVISION_DECAY**index for index in range(len(model.outputs))],
         metrics=[metrics] + [[] for _ in model.outputs[1:]],
         jit_compile=jit_compile,
     )
-    return model
 
 
 def monitor_name(model):
@@ -348,8 +410,13 @@ def _fit(config, output, resuming, dataset, strategy, global_batch, steps, jit_c
     from attunet_keras import distribute
 
     keras.utils.set_random_seed(config.seed)
+    backup_dir = os.path.join(output, BACKUP_DIR)
+    progress = backup_progress(backup_dir) if resuming else None
+    # Two-stage fine-tuning: the encoder is frozen for the first freeze_epochs epochs;
+    # a backup is restored into a model frozen as it was when the backup was taken.
+    frozen = progress.get("frozen", False) if progress else config.freeze_epochs > 0
     with strategy.scope():
-        model = build_model(config, dataset, jit_compile=jit_compile)
+        model = build_model(config, dataset, jit_compile=jit_compile, frozen=frozen)
     outputs = len(model.outputs)
     train_data = data_lib.make_dataset(
         dataset.train, dataset.n_label, global_batch, training=True,
@@ -359,7 +426,6 @@ def _fit(config, output, resuming, dataset, strategy, global_batch, steps, jit_c
         data_format=config.data_format, outputs=outputs)
     monitor = monitor_name(model)
 
-    backup_dir = os.path.join(output, BACKUP_DIR)
     resumed_epoch = restore_backup(model, backup_dir) if resuming else 0
     best_so_far = trim_log(os.path.join(output, LOG_FILE), resumed_epoch, monitor)
     callbacks = [
@@ -384,12 +450,22 @@ def _fit(config, output, resuming, dataset, strategy, global_batch, steps, jit_c
     if resuming:
         print(f"Resuming {output} from its backup at epoch {resumed_epoch + 1}")
 
-    history = model.fit(
-        train_data, epochs=config.epochs, initial_epoch=resumed_epoch,
-        steps_per_epoch=steps, validation_data=val_data, callbacks=callbacks,
-        verbose=verbose, shuffle=False,
-    )
-    losses = history.history.get("loss", [])
+    losses = []
+    for first, last, stage_frozen in _stages(config, resumed_epoch):
+        if frozen and not stage_frozen:
+            with strategy.scope():
+                unfreeze(model, config, dataset, jit_compile)
+            frozen = False
+            print(f"Epoch {first + 1}: encoder unfrozen; learning rate "
+                  f"{config.learning_rate * FINE_TUNE_LEARNING_RATE_FACTOR:g}")
+        history = model.fit(
+            train_data, epochs=last, initial_epoch=first,
+            steps_per_epoch=steps, validation_data=val_data, callbacks=callbacks,
+            verbose=verbose, shuffle=False,
+        )
+        losses += history.history.get("loss", [])
+        if losses and not np.isfinite(losses[-1]):
+            break
     if losses and not np.isfinite(losses[-1]):
         raise RuntimeError(
             f"training stopped: the loss became NaN in epoch {len(losses) + resumed_epoch}"
@@ -401,6 +477,14 @@ def _fit(config, output, resuming, dataset, strategy, global_batch, steps, jit_c
     write_json(os.path.join(output, RESULT_FILE), result)
     shutil.rmtree(backup_dir, ignore_errors=True)
     return result
+
+
+def _stages(config, first_epoch):
+    """`(first, last, frozen)` epoch ranges still to train: frozen, then fine-tuning."""
+    stages = [(0, config.freeze_epochs, True)] if config.freeze_epochs else []
+    stages.append((config.freeze_epochs, config.epochs, False))
+    return [(max(first, first_epoch), last, frozen) for first, last, frozen in stages
+            if last > first_epoch]
 
 
 def prepare_output(config, output, overwrite):

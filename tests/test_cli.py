@@ -256,6 +256,7 @@ def test_the_parser_choices_and_defaults_are_the_library_s():
     import dataclasses
 
     import attunet_keras_cli
+    from attunet_keras import backbones
     from attunet_keras import distribute
     from attunet_keras import losses
     from attunet_keras import multiworker
@@ -265,6 +266,7 @@ def test_the_parser_choices_and_defaults_are_the_library_s():
     assert attunet_keras_cli.STRATEGIES == distribute.STRATEGIES
     assert attunet_keras_cli.PRECISIONS == distribute.PRECISIONS
     assert attunet_keras_cli.JIT_CHOICES == distribute.JIT_CHOICES
+    assert attunet_keras_cli.BACKBONES == tuple(backbones.BACKBONES)
     defaults = dict(vars(attunet_keras_cli.TRAIN_DEFAULTS))
     assert defaults.pop("cluster_timeout") == multiworker.CLUSTER_TIMEOUT_SECONDS
     config = dataclasses.asdict(training.TrainConfig())

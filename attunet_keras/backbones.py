@@ -1,0 +1,171 @@
+"""Pretrained encoders: `att_unet(..., backbone=NAME)` on a `keras.applications` model.
+
+The encoder is the application itself (`include_top=False`), nested in the model as one
+layer named `{backbone}_encoder` whose outputs are its feature maps at strides 2, 4, 8
+and 16 (the skip connections) and its output at stride 32 (the bottleneck). The
+decoder is this package's attention decoder with every decoder option: decoder level
+`k` (named `dec{k}`, k = 4..1) up-samples, gates the skip at stride `2**k` with
+`attention_up_and_concat` and applies a conv block of `features * 2**(k-1)` filters;
+`dec0` up-samples to full resolution (no skip) with `features // 2` filters; then the
+head. Image sizes must be multiples of 32.
+
+The feature maps used (checked by tests/test_backbones.py against the strides):
+
+| backbone | stride 2 | stride 4 | stride 8 | stride 16 | preprocessing |
+| --- | --- | --- | --- | --- | --- |
+| vgg16 | block2_conv2 | block3_conv3 | block4_conv3 | block5_conv3 | caffe |
+| resnet50 | conv1_relu | conv2_block3_out | conv3_block4_out | conv4_block6_out | caffe |
+| resnet50v2 | conv1_conv | conv2_block3_1_relu | conv3_block4_1_relu | conv4_block6_1_relu | tf |
+| efficientnetb0..b3 | block2a_expand_activation | block3a_expand_activation | block4a_expand_activation | block6a_expand_activation | inside the application |
+| mobilenetv2 | block_1_expand_relu | block_3_expand_relu | block_6_expand_relu | block_13_expand_relu | tf |
+| convnext_tiny | `stride2_conv` (ours) | stage_0_block_2_identity | stage_1_block_2_identity | stage_2_block_8_identity | inside the application |
+
+ConvNeXt has no stride-2 stage (its stem is a 4x4 patchify convolution), so its
+stride-2 skip is a 3x3 stride-2 Conv-ReLU of the input, `stride2_conv`, trained from
+scratch. The model takes the package's images (normalised to [0, 1]); the backbone's
+own preprocessing is the layer `backbone_preprocessing` inside the model
+(`layers.BackbonePreprocessing`), so exported models need nothing extra. With
+`in_channels != 3` a 1x1 convolution `input_to_rgb` (no bias, trainable) maps the
+input to the 3 channels the application takes, initialised to the channel mean
+repeated three times (a gray image becomes gray RGB, as ImageNet models expect).
+"""
+
+import collections
+import os
+
+import keras
+
+from attunet_keras import layers as layers_lib
+
+Backbone = collections.namedtuple("Backbone", ["application", "skips", "preprocessing"])
+
+_EFFICIENTNET_SKIPS = ("block2a_expand_activation", "block3a_expand_activation",
+                       "block4a_expand_activation", "block6a_expand_activation")
+
+BACKBONES = {
+    "vgg16": Backbone("VGG16", ("block2_conv2", "block3_conv3", "block4_conv3",
+                                "block5_conv3"), "caffe"),
+    "resnet50": Backbone("ResNet50", ("conv1_relu", "conv2_block3_out", "conv3_block4_out",
+                                      "conv4_block6_out"), "caffe"),
+    "resnet50v2": Backbone("ResNet50V2", ("conv1_conv", "conv2_block3_1_relu",
+                                          "conv3_block4_1_relu", "conv4_block6_1_relu"), "tf"),
+    "efficientnetb0": Backbone("EfficientNetB0", _EFFICIENTNET_SKIPS, "raw"),
+    "efficientnetb1": Backbone("EfficientNetB1", _EFFICIENTNET_SKIPS, "raw"),
+    "efficientnetb2": Backbone("EfficientNetB2", _EFFICIENTNET_SKIPS, "raw"),
+    "efficientnetb3": Backbone("EfficientNetB3", _EFFICIENTNET_SKIPS, "raw"),
+    "mobilenetv2": Backbone("MobileNetV2", ("block_1_expand_relu", "block_3_expand_relu",
+                                            "block_6_expand_relu", "block_13_expand_relu"),
+                            "tf"),
+    "convnext_tiny": Backbone("ConvNeXtTiny", (None, "convnext_tiny_stage_0_block_2_identity",
+                                               "convnext_tiny_stage_1_block_2_identity",
+                                               "convnext_tiny_stage_2_block_8_identity"),
+                              "raw"),
+}
+STRIDE = 32
+
+
+def check_backbone_arguments(sizes, options):
+    """Checks the backbone options of `att_unet`; raises one ValueError naming the first bad one."""
+    backbone = options["backbone"]
+    if backbone not in BACKBONES:
+        raise ValueError(
+            f"backbone={backbone!r} is not supported; expected None or one of "
+            f"{tuple(BACKBONES)}."
+        )
+    if options["data_format"] != "channels_last":
+        raise ValueError(
+            f"backbone={backbone!r} needs data_format='channels_last': keras.applications "
+            f"models are built channels_last; received {options['data_format']!r}."
+        )
+    if options["depth"] != 4:
+        raise ValueError(
+            f"depth={options['depth']} is not allowed with a backbone: the encoder gives "
+            "skips at strides 2, 4, 8, 16 and the bottleneck at 32, so depth is 4."
+        )
+    for name, size in sizes.items():
+        if size is not None and size % STRIDE:
+            below = size // STRIDE * STRIDE
+            nearest = f"{below} or {below + STRIDE}" if below else f"{STRIDE}"
+            raise ValueError(
+                f"{name}={size} must be divisible by {STRIDE} with a backbone (its output "
+                f"is at stride {STRIDE}); nearest valid: {nearest}."
+            )
+    weights = options["backbone_weights"]
+    if weights not in (None, "imagenet") and not (
+            isinstance(weights, (str, os.PathLike)) and os.path.isfile(weights)):
+        raise ValueError(
+            f"backbone_weights={weights!r} is not allowed; expected None (random), "
+            "'imagenet' (Keras downloads them) or the path of an existing weights file "
+            f"of keras.applications.{BACKBONES[backbone].application}(include_top=False)."
+        )
+    if not isinstance(options["freeze_backbone"], bool):
+        raise ValueError(f"freeze_backbone={options['freeze_backbone']!r} is not allowed; "
+                         "expected True or False.")
+
+
+def encoder(backbone, weights=None):
+    """The application as a model of its stride 2, 4, 8, 16 maps and its output (stride 32).
+
+    Its image sizes are free (the model's input fixes them), so a model trained on
+    tiles runs on any size. ConvNeXt has no stride-2 map: its list starts at stride 4.
+    """
+    spec = BACKBONES[backbone]
+    if weights not in (None, "imagenet"):
+        weights = os.fspath(weights)
+    application = getattr(keras.applications, spec.application)(
+        include_top=False, weights=weights, input_shape=(None, None, 3))
+    outputs = [application.get_layer(name).output for name in spec.skips if name]
+    return keras.Model(application.input, outputs + [application.output],
+                       name=f"{backbone}_encoder")
+
+
+def build(sizes, options, conv_block, up_and_concat, head):
+    """The backbone `att_unet` (see the module); `options` are `att_unet`'s arguments."""
+    backbone, features = options["backbone"], options["features"]
+    spec = BACKBONES[backbone]
+    in_channels = options["in_channels"]
+    block_options = dict(rank=2, data_format="channels_last", dropout=options["dropout"],
+                         batch_norm=options["batch_norm"])
+
+    inputs = keras.Input(shape=tuple(sizes) + (in_channels,), name="image")
+    rgb = inputs
+    if in_channels != 3:
+        rgb = keras.layers.Conv2D(
+            3, 1, use_bias=False, name="input_to_rgb",
+            kernel_initializer=keras.initializers.Constant(1.0 / in_channels))(inputs)
+    preprocessed = layers_lib.BackbonePreprocessing(
+        spec.preprocessing, name="backbone_preprocessing")(rgb)
+    features_maps = encoder(backbone, options["backbone_weights"])
+    if options["freeze_backbone"]:
+        features_maps.trainable = False  # BatchNormalization then runs in inference mode
+    maps = features_maps(preprocessed)
+    skips, x = list(maps[:-1]), maps[-1]
+    if spec.skips[0] is None:
+        skips.insert(0, keras.layers.Conv2D(max(features, 1), 3, strides=2, padding="same",
+                                            activation="relu", name="stride2_conv")(rgb))
+
+    side_outputs = []
+    for level in range(4, 0, -1):
+        x = up_and_concat(x, skips[level - 1], "channels_last", f"dec{level}",
+                          batch_norm=options["batch_norm"], upsampling=options["upsampling"],
+                          gate=options["gate"])
+        x = conv_block(x, features * 2 ** (level - 1), name=f"dec{level}", **block_options)
+        if options["deep_supervision"]:
+            side_outputs.append((level, x))
+    x = _upsample(x, options["upsampling"], features)
+    x = conv_block(x, max(features // 2, 1), name="dec0", **block_options)
+
+    outputs = [head(2, x, options["n_label"], "channels_last", options["output_activation"],
+                    "head")]
+    for level, features_map in sorted(side_outputs):
+        outputs.append(head(2, features_map, options["n_label"], "channels_last",
+                            options["output_activation"], f"dec{level}_head",
+                            upsample=2 ** level))
+    return keras.Model(inputs, outputs if len(outputs) > 1 else outputs[0],
+                       name=options["name"])
+
+
+def _upsample(x, upsampling, features):
+    if upsampling == "transpose":
+        return keras.layers.Conv2DTranspose(x.shape[-1], 2, strides=2, name="dec0_up")(x)
+    return keras.layers.UpSampling2D(2, interpolation=upsampling, name="dec0_up")(x)
