@@ -22,8 +22,23 @@ def _spatial_axes(rank, data_format):
     return list(range(2, rank)) if data_format == "channels_first" else list(range(1, rank - 1))
 
 
+class _MultipleLayer(keras.layers.Layer):
+    """Base of the layers that take a spatial `multiple` and a `data_format`."""
+
+    def __init__(self, multiple, data_format=None, **kwargs):
+        super().__init__(**kwargs)
+        _validation.check_int("multiple", multiple, 1)
+        self.multiple = multiple
+        self.data_format = _validation.resolve_data_format(data_format)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(multiple=self.multiple, data_format=self.data_format)
+        return config
+
+
 @keras.saving.register_keras_serializable(package="attunet_keras")
-class SpatialSizeCheck(keras.layers.Layer):
+class SpatialSizeCheck(_MultipleLayer):
     """The identity, for images whose every spatial size is a multiple of `multiple`.
 
     Sizes known when the model is traced are checked in Python (a `ValueError`);
@@ -35,11 +50,6 @@ class SpatialSizeCheck(keras.layers.Layer):
         data_format: str or None. Layout of the images.
     """
 
-    def __init__(self, multiple, data_format=None, **kwargs):
-        super().__init__(**kwargs)
-        _validation.check_int("multiple", multiple, 1)
-        self.multiple = multiple
-        self.data_format = _validation.resolve_data_format(data_format)
 
     def _message(self, sizes):
         return (
@@ -69,14 +79,10 @@ class SpatialSizeCheck(keras.layers.Layer):
     def compute_output_shape(self, input_shape):
         return input_shape
 
-    def get_config(self):
-        config = super().get_config()
-        config.update(multiple=self.multiple, data_format=self.data_format)
-        return config
 
 
 @keras.saving.register_keras_serializable(package="attunet_keras")
-class PadToMultiple(keras.layers.Layer):
+class PadToMultiple(_MultipleLayer):
     """Pads every spatial axis at its end to a multiple of `multiple`.
 
     The padding reflects the image (as `numpy.pad(mode="reflect")`); an axis shorter
@@ -88,11 +94,6 @@ class PadToMultiple(keras.layers.Layer):
         data_format: str or None. Layout of the images.
     """
 
-    def __init__(self, multiple, data_format=None, **kwargs):
-        super().__init__(**kwargs)
-        _validation.check_int("multiple", multiple, 1)
-        self.multiple = multiple
-        self.data_format = _validation.resolve_data_format(data_format)
 
     def call(self, inputs):
         rank = len(inputs.shape)
@@ -114,10 +115,6 @@ class PadToMultiple(keras.layers.Layer):
                 shape[axis] = -(-shape[axis] // self.multiple) * self.multiple
         return tuple(shape)
 
-    def get_config(self):
-        config = super().get_config()
-        config.update(multiple=self.multiple, data_format=self.data_format)
-        return config
 
 
 @keras.saving.register_keras_serializable(package="attunet_keras")
