@@ -62,6 +62,13 @@ BACKBONES = {
                               "raw"),
 }
 STRIDE = 32
+# BatchNormalization momentum of a randomly initialised encoder. keras.applications
+# build MobileNetV2 with 0.999, tuned for ImageNet's hundreds of thousands of steps: on
+# a few hundred steps the moving statistics stay near their initial values and the
+# model predicts nothing in inference mode (docs/benchmarks.md). Keras's default,
+# 0.99, follows the batches within a few hundred steps. Pretrained encoders keep the
+# application's momentum: their statistics have already converged.
+RANDOM_INIT_BN_MOMENTUM = 0.99
 
 
 def check_backbone_arguments(sizes, options):
@@ -108,12 +115,18 @@ def encoder(backbone, weights=None):
 
     Its image sizes are free (the model's input fixes them), so a model trained on
     tiles runs on any size. ConvNeXt has no stride-2 map: its list starts at stride 4.
+    With `weights=None` no BatchNormalization momentum is above
+    `RANDOM_INIT_BN_MOMENTUM`.
     """
     spec = BACKBONES[backbone]
     if weights not in (None, "imagenet"):
         weights = os.fspath(weights)
     application = getattr(keras.applications, spec.application)(
         include_top=False, weights=weights, input_shape=(None, None, 3))
+    if weights is None:
+        for layer in application.layers:
+            if isinstance(layer, keras.layers.BatchNormalization):
+                layer.momentum = min(layer.momentum, RANDOM_INIT_BN_MOMENTUM)
     outputs = [application.get_layer(name).output for name in spec.skips if name]
     return keras.Model(application.input, outputs + [application.output],
                        name=f"{backbone}_encoder")

@@ -1,5 +1,10 @@
 """att_unet on keras.applications encoders: strides, training, saving, export, weights."""
 
+import csv
+import os
+import subprocess
+import sys
+
 import keras
 import numpy as np
 import pytest
@@ -9,6 +14,7 @@ from attunet_keras import backbones
 from attunet_keras import export
 from attunet_keras import inference
 from attunet_keras import models
+from helpers import kill_training_at
 
 
 def _model(backbone, size=128, **options):
@@ -24,38 +30,6 @@ def test_the_table_names_the_feature_maps_at_strides_2_4_8_16_and_32(backbone):
     if backbones.BACKBONES[backbone].skips[0] is None:  # ConvNeXt: no stride-2 stage
         expected = expected[1:]
     assert sizes == expected
-
-
-@pytest.mark.parametrize("backbone", sorted(backbones.BACKBONES))
-def test_every_backbone_builds_at_128_and_160(backbone):
-    for size in (128, 160):
-        model = _model(backbone, size=size)
-        assert model.output.shape == (None, size, size, 1)
-        assert model.get_layer(f"{backbone}_encoder").trainable
-
-
-# Saving and exporting every application takes minutes each on 2 CPU cores: the suite
-# does it for the smallest; the other applications go through the same code.
-@pytest.mark.parametrize("backbone", ["mobilenetv2"])
-def test_a_backbone_model_trains_saves_reloads_and_exports(backbone, tmp_path):
-    assert _model(backbone, size=160).output.shape == (None, 160, 160, 1)
-    model = _model(backbone)
-    assert model.get_layer(f"{backbone}_encoder").trainable
-    # Eager steps: tracing the training step of each application would take a minute.
-    model.compile(optimizer="adam", loss="binary_crossentropy", run_eagerly=True)
-    rng = np.random.default_rng(0)
-    images = rng.random((2, 128, 128, 1), dtype="float32")
-    history = model.fit(images, (images > 0.5).astype("float32"), batch_size=1, verbose=0)
-    assert np.isfinite(history.history["loss"]).all()  # two steps
-
-    model.save(tmp_path / "model.keras")
-    reloaded = keras.saving.load_model(tmp_path / "model.keras", safe_mode=True)
-    expected = model.predict(images, verbose=0)
-    np.testing.assert_allclose(reloaded.predict(images, verbose=0), expected, atol=1e-5)
-
-    # export_model reloads the SavedModel and compares it with Keras on `images`
-    assert export.export_model(model, tmp_path / "saved", sample=images) <= 1e-5
-    assert (tmp_path / "saved" / "1" / "saved_model.pb").is_file()
 
 
 def test_a_backbone_model_serves_sizes_that_are_not_multiples_of_32(tmp_path):
@@ -81,6 +55,15 @@ def test_a_weights_file_is_loaded_into_the_encoder(tmp_path):
     other = _model("mobilenetv2").get_layer("mobilenetv2_encoder")
     assert not all(np.array_equal(a, b) for a, b in zip(other.get_weights(),
                                                         application.get_weights()))
+    # Loaded statistics keep the application's momentum; random ones follow the
+    # batches faster (backbones.RANDOM_INIT_BN_MOMENTUM).
+    assert _batch_norm_momenta(encoder) == {0.999}  # keras.applications.MobileNetV2's
+    assert _batch_norm_momenta(other) == {0.99}
+
+
+def _batch_norm_momenta(model):
+    return {layer.momentum for layer in model.layers
+            if isinstance(layer, keras.layers.BatchNormalization)}
 
 
 def test_a_frozen_backbone_keeps_its_weights_and_batch_norm_statistics():
@@ -121,19 +104,35 @@ def test_bad_backbone_options_are_refused_before_building(changes, match, monkey
         models.att_unet(**arguments)
 
 
-def test_two_stage_fine_tuning_freezes_then_unfreezes_the_encoder(tmp_path, capsys):
+def test_a_two_stage_cli_run_killed_while_frozen_resumes_and_unfreezes(tmp_path):
+    """SIGKILL `train --backbone --freeze-epochs` in its frozen stage, run it again."""
     from attunet_keras import training
 
-    config = training.TrainConfig(
-        dataset="nuclei", output=str(tmp_path / "run"), epochs=2, steps_per_epoch=1,
-        batch_size=2, features=8, tile=64, backbone="mobilenetv2", freeze_epochs=1,
-        backup_every=1, learning_rate=1e-3)
-    training.train(config, verbose=0)
-    assert "Epoch 2: encoder unfrozen; learning rate 0.0001" in capsys.readouterr().out
-    with open(tmp_path / "run" / "log.csv") as file:
-        assert [line.split(",")[0] for line in file.read().splitlines()[1:]] == ["0", "1"]
-    model = keras.saving.load_model(tmp_path / "run" / "last.keras")
+    output = tmp_path / "run"
+    script = os.path.join(os.path.dirname(sys.executable), "attunet-keras")
+    command = [script, "train", "--dataset", "nuclei", "--output", str(output),
+               "--backbone", "mobilenetv2", "--freeze-epochs", "2", "--epochs", "3",
+               "--steps-per-epoch", "6", "--batch-size", "2", "--features", "4",
+               "--tile", "64", "--backup-every", "1", "--learning-rate", "0.001"]
+    # a backup inside the second (frozen) epoch
+    kill_training_at(command, output / "backup",
+                     lambda progress: (progress["epoch"], progress["step"]) >= (1, 2),
+                     "backup of the second epoch")
+    progress = training.backup_progress(str(output / "backup"))
+    assert progress["frozen"] and progress["epoch"] < 2, progress  # killed while frozen
+
+    resumed = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    resume_epoch = progress["epoch"]
+    assert f"from its backup at epoch {resume_epoch + 1}" in resumed.stdout
+    assert "Epoch 3: encoder unfrozen; learning rate 0.0001" in resumed.stdout
+    with open(output / "log.csv") as file:
+        rows = list(csv.DictReader(file))
+    assert [row["epoch"] for row in rows] == ["0", "1", "2"]  # every epoch logged once
+    model = keras.saving.load_model(output / "last.keras")
     assert model.get_layer("mobilenetv2_encoder").trainable
+    assert float(model.optimizer.learning_rate) == pytest.approx(1e-4)
+    assert not (output / "backup").exists()
 
 
 def test_training_refuses_backbone_settings_that_cannot_work(tmp_path):

@@ -1,0 +1,44 @@
+"""Every keras.applications backbone builds at 128 and 160, trains, saves and exports.
+
+Its own module so that pytest-xdist (make test: --dist loadfile) runs it beside the
+other backbone tests: it is the slowest file of the suite (about 5 minutes on 2 cores).
+"""
+
+import keras
+import numpy as np
+import pytest
+
+from attunet_keras import backbones
+from attunet_keras import export
+from attunet_keras import models
+
+
+def _model(backbone, size=128, **options):
+    return models.att_unet(size, size, 1, features=8, data_format="channels_last",
+                           in_channels=1, backbone=backbone, **options)
+
+
+@pytest.mark.parametrize("backbone", sorted(backbones.BACKBONES))
+def test_every_backbone_builds_trains_saves_reloads_and_exports(backbone, tmp_path):
+    assert _model(backbone, size=160).output.shape == (None, 160, 160, 1)
+    model = _model(backbone)
+    assert model.output.shape == (None, 128, 128, 1)
+    encoder = model.get_layer(f"{backbone}_encoder")
+    assert encoder.trainable
+    # Eager steps: tracing the training step of each application would take a minute.
+    model.compile(optimizer="adam", loss="binary_crossentropy", run_eagerly=True)
+    rng = np.random.default_rng(0)
+    images = rng.random((2, 128, 128, 1), dtype="float32")
+    before = [weight.numpy() for weight in encoder.trainable_weights]
+    history = model.fit(images, (images > 0.5).astype("float32"), batch_size=1, verbose=0)
+    assert np.isfinite(history.history["loss"]).all()  # two steps
+    assert any(not np.array_equal(b, a.numpy()) for b, a in zip(before, encoder.trainable_weights))
+
+    model.save(tmp_path / "model.keras")
+    reloaded = keras.saving.load_model(tmp_path / "model.keras", safe_mode=True)
+    expected = model.predict(images, verbose=0)
+    np.testing.assert_allclose(reloaded.predict(images, verbose=0), expected, atol=1e-5)
+
+    # export_model reloads the SavedModel and compares it with Keras on `images`
+    assert export.export_model(model, tmp_path / "saved", sample=images) <= 1e-5
+    assert (tmp_path / "saved" / "1" / "saved_model.pb").is_file()
