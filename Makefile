@@ -43,8 +43,10 @@ demo: install
 	$(BIN)/attunet-keras export --run $(DEMO_DIR)/nuclei --output $(DEMO_DIR)/saved_model
 	@echo "Demo outputs in $(DEMO_DIR)/: att_unet.png, nuclei/ (the run), predictions/, attention.png, saved_model/"
 
+# Two pytest workers (pytest-xdist), shared out file by file, so that a module's
+# module-scoped fixtures are built once.
 test: install
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n 2 --dist loadfile
 
 clean:
 	rm -rf build .pytest_cache *.egg-info

@@ -1,18 +1,78 @@
-"""Distribution strategies, mixed precision and XLA for training with tf.distribute.
+"""Distribution strategies, mixed precision and XLA for training.
 
-`get_strategy(name)` picks a `tf.distribute` strategy; models are built and compiled
-inside `strategy.scope()` and the batch size given per replica (global batch = per
-replica x replicas). `set_precision` sets Keras's global dtype policy (the models keep
-a float32 output layer), and `resolve_jit_compile` keeps XLA off under multi-replica
-strategies, where Keras's `fit` with XLA fails (keras-team/keras#19005).
+`get_strategy(name)` picks a `tf.distribute` strategy under the TensorFlow backend, or
+a `KerasDistribution` (one device, or `keras.distribution.DataParallel` under JAX)
+under the others; models are built and compiled inside `strategy.scope()` and the
+batch size given per replica (global batch = per replica x replicas). `set_precision`
+sets Keras's global dtype policy (the models keep a float32 output layer), and
+`resolve_jit_compile` keeps XLA off under multi-replica tf.distribute strategies,
+where Keras's `fit` with XLA fails (keras-team/keras#19005).
 """
 
 import contextlib
 import os
 
-STRATEGIES = ("auto", "default", "one_device", "mirrored", "multiworker", "tpu")
+STRATEGIES = ("auto", "default", "one_device", "mirrored", "multiworker", "tpu",
+              "data_parallel")
+# tf.distribute strategies: TensorFlow backend only.
+TF_STRATEGIES = ("one_device", "mirrored", "multiworker", "tpu")
 PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
 JIT_CHOICES = ("auto", "on", "off")
+
+
+def backend():
+    """The Keras backend in use: `"tensorflow"`, `"jax"` or `"torch"`."""
+    import keras
+
+    return keras.backend.backend()
+
+
+class KerasDistribution:
+    """The strategy of the JAX and PyTorch backends: one device, or Keras's own
+    `keras.distribution.DataParallel` (JAX) over every local device.
+
+    It offers what training uses of a `tf.distribute.Strategy`: `scope()` (the
+    distribution is active inside it, for building *and* fitting) and
+    `num_replicas_in_sync`.
+    """
+
+    def __init__(self, distribution=None):
+        self.distribution = distribution
+
+    @property
+    def devices(self):
+        if self.distribution is None:
+            return []
+        return [str(device) for device in self.distribution.device_mesh.devices.flatten()]
+
+    @property
+    def num_replicas_in_sync(self):
+        return max(len(self.devices), 1)
+
+    def scope(self):
+        if self.distribution is None:
+            return contextlib.nullcontext()
+        return self.distribution.scope()
+
+
+def check_strategy_backend(name):
+    """Refuses a strategy the Keras backend in use cannot run, naming both."""
+    if name not in STRATEGIES:
+        raise ValueError(f"strategy={name!r} is not supported; expected one of {STRATEGIES}.")
+    current = backend()
+    if name == "data_parallel" and current != "jax":
+        raise ValueError(
+            "strategy='data_parallel' is keras.distribution.DataParallel, which runs under "
+            f"KERAS_BACKEND=jax (the backend in use is {current}); under tensorflow use "
+            "'mirrored'."
+        )
+    if name in TF_STRATEGIES and current != "tensorflow":
+        others = "'default' or 'data_parallel'" if current == "jax" else "'default'"
+        raise ValueError(
+            f"strategy={name!r} is a tf.distribute strategy and needs "
+            f"KERAS_BACKEND=tensorflow (the backend in use is {current}); under {current} "
+            f"use {others}."
+        )
 
 
 def get_strategy(name="auto"):
@@ -29,14 +89,25 @@ def get_strategy(name="auto"):
             - `"multiworker"`: `MultiWorkerMirroredStrategy`, configured by the
               `TF_CONFIG` environment variable (see `attunet_keras.multiworker`).
             - `"tpu"`: `TPUStrategy`; an error when no TPU is found.
+            - `"data_parallel"` (JAX backend only): `keras.distribution.DataParallel`
+              over every local device (a `KerasDistribution`).
+            Under the JAX and PyTorch backends, `"auto"` and `"default"` give a
+            `KerasDistribution` of one device; the tf.distribute names are refused.
 
     Returns:
         The strategy.
     """
+    check_strategy_backend(name)
+    if name == "data_parallel":
+        import keras
+
+        return KerasDistribution(keras.distribution.DataParallel(
+            devices=keras.distribution.list_devices()))
+    if backend() != "tensorflow":  # auto and default: one device, plain Keras
+        return KerasDistribution()
+
     import tensorflow as tf
 
-    if name not in STRATEGIES:
-        raise ValueError(f"strategy={name!r} is not supported; expected one of {STRATEGIES}.")
     if name == "auto":
         resolver = _tpu_resolver()
         if resolver is not None:
@@ -87,6 +158,11 @@ def _tpu_strategy(resolver):
 
 def describe(strategy):
     """One line: the strategy's class, its replica count and its devices."""
+    if isinstance(strategy, KerasDistribution):
+        if strategy.distribution is None:
+            return f"Keras on {backend()}: 1 replica(s) on the default device"
+        return (f"keras.distribution.DataParallel on {backend()}: "
+                f"{strategy.num_replicas_in_sync} replica(s) on {', '.join(strategy.devices)}")
     try:
         devices = list(strategy.extended.worker_devices)
     except RuntimeError:  # the default strategy has no device list
@@ -100,6 +176,12 @@ def split_cpu(count):
 
     Must run before TensorFlow initialises its devices (before any op runs).
     """
+    if backend() != "tensorflow":
+        raise ValueError(
+            f"splitting the CPU (--cpu-devices) is TensorFlow's; the backend in use is "
+            f"{backend()}. Under jax, set XLA_FLAGS=--xla_force_host_platform_device_count=N "
+            "before starting for N CPU devices."
+        )
     import tensorflow as tf
 
     if count < 1:
@@ -171,6 +253,7 @@ def resolve_jit_compile(jit_compile, strategy):
         return True
     if jit_compile == "off":
         return False
-    if strategy is not None and strategy.num_replicas_in_sync > 1:
+    if (strategy is not None and not isinstance(strategy, KerasDistribution)
+            and strategy.num_replicas_in_sync > 1):
         return False
     return "auto"

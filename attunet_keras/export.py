@@ -467,6 +467,7 @@ def export_model(model, path, *, format="savedmodel", quantize=None, representat
     """
     if format not in FORMATS:
         raise ValueError(f"format={format!r} is not supported; expected one of {FORMATS}.")
+    check_backend(format)
     if quantize is not None and format != "litert":
         raise ValueError(
             f"quantize={quantize!r} applies to LiteRT only; use format='litert'."
@@ -481,6 +482,20 @@ def export_model(model, path, *, format="savedmodel", quantize=None, representat
     return export_litert(main_output_model(model), path, quantize=quantize,
                          representative=representative, sample=sample,
                          overwrite=overwrite)
+
+
+def check_backend(format):
+    """Refuses to export under another Keras backend than TensorFlow, saying what to do."""
+    import keras
+
+    current = keras.backend.backend()
+    if current != "tensorflow":
+        raise ValueError(
+            f"export to {format} needs KERAS_BACKEND=tensorflow (the backend in use is "
+            f"{current}): SavedModel, ONNX and LiteRT are written from TensorFlow graphs. "
+            f"A .keras model saved under {current} loads under TensorFlow: run "
+            "KERAS_BACKEND=tensorflow attunet-keras export --model MODEL.keras ..."
+        )
 
 
 def main_output_model(model):

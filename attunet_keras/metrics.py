@@ -50,6 +50,15 @@ class _OverlapMetric(keras.metrics.Metric):
         self.false_positives.assign_add(ops.sum(pred_one_hot, axis=0) - tp)
         self.false_negatives.assign_add(ops.sum(true_one_hot, axis=0) - tp)
 
+    def counts(self):
+        """True positives, false positives, false negatives per class, as tensors.
+
+        Read through `ops.convert_to_tensor`: under JAX a metric's `result` runs on
+        the variables' values, and `ops.where` refuses a variable itself.
+        """
+        return tuple(ops.convert_to_tensor(variable) for variable in (
+            self.true_positives, self.false_positives, self.false_negatives))
+
     def per_class(self):
         """The score of every class (class 0 is background), as a tensor."""
         raise NotImplementedError
@@ -64,7 +73,7 @@ class _OverlapMetric(keras.metrics.Metric):
 
     def reset_state(self):
         for variable in (self.true_positives, self.false_positives, self.false_negatives):
-            variable.assign(ops.zeros_like(variable))
+            variable.assign(ops.zeros(variable.shape, variable.dtype))
 
     def get_config(self):
         config = super().get_config()
@@ -96,7 +105,7 @@ class Dice(_OverlapMetric):
         super().__init__(n_label, class_id, threshold, data_format, name, dtype)
 
     def per_class(self):
-        tp, fp, fn = self.true_positives, self.false_positives, self.false_negatives
+        tp, fp, fn = self.counts()
         return _ratio(2.0 * tp, 2.0 * tp + fp + fn)
 
 
@@ -112,7 +121,7 @@ class IoU(_OverlapMetric):
         super().__init__(n_label, class_id, threshold, data_format, name, dtype)
 
     def per_class(self):
-        tp, fp, fn = self.true_positives, self.false_positives, self.false_negatives
+        tp, fp, fn = self.counts()
         return _ratio(tp, tp + fp + fn)
 
 

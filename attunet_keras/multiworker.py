@@ -134,9 +134,12 @@ def train(config, *, overwrite=False, verbose="auto", cluster_timeout=CLUSTER_TI
         cluster_timeout: int. Seconds to wait for every worker to join; past them
             the process stops (exit 2) with a message naming the cluster.
     """
-    import tensorflow as tf
+    from attunet_keras import distribute
 
     config.validate()
+    distribute.check_strategy_backend(config.strategy)
+    import tensorflow as tf
+
     if "TF_CONFIG" not in os.environ:
         raise ValueError(
             "strategy='multiworker' needs the TF_CONFIG environment variable (cluster "

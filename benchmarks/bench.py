@@ -17,11 +17,24 @@ Writes JSON (`--output`) and prints a Markdown table.
 
     .venv/bin/python benchmarks/bench.py --sizes 160 --layouts channels_last channels_first \
         --precisions float32 mixed_bfloat16 --batch 4 --output build/bench.json
+
+`--backends tensorflow jax torch` measures under each Keras backend, each in its own
+process (a process has one backend) started by this one, and prints one table of
+training and inference images/s per backend (the matmul ceiling is TensorFlow's, so it
+is given under TensorFlow only). TensorFlow runs its steps without XLA (slower on
+CPUs); JAX's are jit-compiled (Keras's `"auto"`; JAX without jit is eager); PyTorch's
+are eager (Keras's `"auto"`).
+
+    .venv/bin/python benchmarks/bench.py --backends tensorflow jax torch --sizes 160 256 \
+        --layouts channels_last --output build/bench_backends.json
 """
 
 import argparse
 import json
 import os
+import subprocess
+import sys
+import tempfile
 import time
 
 import numpy as np
@@ -143,9 +156,10 @@ def bench_case(size, data_format, precision, batch, steps, repeats):
         x = np.random.default_rng(0).random(shape, dtype="float32")
         y = (x[:, :1] if data_format == "channels_first" else x[..., :1]) > 0.5
         y = y.astype("float32")
+        jit_compile = False if keras.backend.backend() == "tensorflow" else "auto"
         for model in built.values():
             model.compile(keras.optimizers.Adam(1e-4), "binary_crossentropy",
-                          jit_compile=False)
+                          jit_compile=jit_compile)
             model.train_on_batch(x, y)      # trace and warm up
             model.predict_on_batch(x)
         timings = {name: {"train": [], "infer": []} for name in built}
@@ -187,11 +201,22 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--matmul-size", type=int, default=4096)
     parser.add_argument("--output", default="build/bench.json")
+    parser.add_argument("--backends", nargs="+", choices=["tensorflow", "jax", "torch"],
+                        help="run the cases under each Keras backend, one process each, "
+                             "and print a table per backend")
     args = parser.parse_args(argv)
+    if args.backends:
+        return compare_backends(args, argv if argv is not None else sys.argv[1:])
 
-    report = {"machine": machine(), "batch": args.batch, "steps": args.steps,
-              "repeats": args.repeats, "ceiling": {}, "cases": []}
+    import keras
+
+    backend = keras.backend.backend()
+    report = {"machine": machine(), "backend": backend, "batch": args.batch,
+              "steps": args.steps, "repeats": args.repeats, "ceiling": {}, "cases": []}
     for precision in args.precisions:
+        if backend != "tensorflow":
+            report["ceiling"][COMPUTE_DTYPES[precision]] = None
+            continue
         dtype = COMPUTE_DTYPES[precision]
         report["ceiling"][dtype] = matmul_gflops(dtype, args.matmul_size, args.repeats)
         print(f"matmul {args.matmul_size}^2 {dtype}: "
@@ -210,7 +235,7 @@ def main(argv=None):
                                                       f"{message[-1] if message else ''}"))
                     print(json.dumps(report["cases"][-1]), flush=True)
                     continue
-                ceiling = report["ceiling"][COMPUTE_DTYPES[precision]]
+                ceiling = report["ceiling"][COMPUTE_DTYPES[precision]] or float("nan")
                 case.update(size=size, layout=layout, precision=precision,
                             train_vs_ceiling=case["library"]["train_conv_gflops"] / ceiling,
                             infer_vs_ceiling=case["library"]["infer_conv_gflops"] / ceiling)
@@ -237,6 +262,57 @@ def main(argv=None):
               f"({case['library_vs_plain_infer']:.2f}x) | "
               f"{lib['train_conv_gflops']:.1f} ({case['train_vs_ceiling']:.2f}) | "
               f"{lib['infer_conv_gflops']:.1f} ({case['infer_vs_ceiling']:.2f}) |")
+    return 0
+
+
+def _without_option(argv, option):
+    """argv less `option` and the values that follow it."""
+    kept, skipping = [], False
+    for item in argv:
+        if item == option or item.startswith(option + "="):
+            skipping = item == option
+            continue
+        if skipping and not item.startswith("--"):
+            continue
+        skipping = False
+        kept.append(item)
+    return kept
+
+
+def compare_backends(args, argv):
+    """Runs this script once per backend (KERAS_BACKEND set) and tabulates images/s."""
+    base = _without_option(_without_option(argv, "--backends"), "--output")
+    reports = {}
+    with tempfile.TemporaryDirectory() as folder:
+        for backend in args.backends:
+            output = os.path.join(folder, f"{backend}.json")
+            environment = dict(os.environ, KERAS_BACKEND=backend)
+            environment.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+            print(f"--- {backend}", flush=True)
+            subprocess.run([sys.executable, os.path.abspath(__file__), *base,
+                            "--output", output], env=environment, check=True)
+            with open(output) as file:
+                reports[backend] = json.load(file)
+    combined = {"machine": reports[args.backends[0]]["machine"], "batch": args.batch,
+                "steps": args.steps, "repeats": args.repeats, "backends": reports}
+    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
+    with open(args.output, "w") as file:
+        json.dump(combined, file, indent=2)
+    print()
+    print("| backend | size | layout | precision | train img/s | infer img/s | "
+          "train / plain Keras | infer / plain Keras |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    for backend, report in reports.items():
+        for case in report["cases"]:
+            if "error" in case:
+                print(f"| {backend} | {case['size']} | {case['layout']} | "
+                      f"{case['precision']} | fails: {case['error'][:60]} | | | |")
+                continue
+            lib = case["library"]
+            print(f"| {backend} | {case['size']} | {case['layout']} | {case['precision']} | "
+                  f"{lib['train_images_per_s']:.2f} | {lib['infer_images_per_s']:.2f} | "
+                  f"{case['library_vs_plain_train']:.2f}x | "
+                  f"{case['library_vs_plain_infer']:.2f}x |")
     return 0
 
 

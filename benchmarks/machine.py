@@ -18,6 +18,11 @@ def machine():
         pass
     gpus = [tf.config.experimental.get_device_details(gpu).get("device_name", gpu.name)
             for gpu in tf.config.list_physical_devices("GPU")]
-    return {"cpu": cpu, "cpu_cores": os.cpu_count(), "gpus": gpus,
-            "device": "GPU" if gpus else "CPU", "python": platform.python_version(),
-            "tensorflow": tf.__version__, "keras": keras.__version__}
+    found = {"cpu": cpu, "cpu_cores": os.cpu_count(), "gpus": gpus,
+             "device": "GPU" if gpus else "CPU", "python": platform.python_version(),
+             "tensorflow": tf.__version__, "keras": keras.__version__,
+             "keras_backend": keras.backend.backend()}
+    for name in ("jax", "torch"):
+        if keras.backend.backend() == name:
+            found[name] = __import__(name).__version__
+    return found
