@@ -24,7 +24,8 @@ import types
 # Choices and defaults of the library, repeated here so that the parser needs no
 # TensorFlow; tests/test_cli.py checks that they equal the library's.
 LOSSES = ("bce", "dice", "bce_dice", "focal", "tversky")
-STRATEGIES = ("auto", "default", "one_device", "mirrored", "multiworker", "tpu")
+STRATEGIES = ("auto", "default", "one_device", "mirrored", "multiworker", "tpu",
+              "data_parallel")
 PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
 JIT_CHOICES = ("auto", "on", "off")
 CHANNEL_CONVERSIONS = ("gray", "rgb")
@@ -58,6 +59,18 @@ def _probability(text):
     if not 0.0 < value < 1.0:
         raise argparse.ArgumentTypeError(
             f"expected a number between 0 and 1 (exclusive), received {text!r}")
+    return value
+
+
+def _overlap(text):
+    """A number in [0, 1)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(
+            f"expected a number in [0, 1), received {text!r}")
     return value
 
 
@@ -235,6 +248,21 @@ def build_parser():
 
     _add_train_parser(commands)
 
+    check_data = commands.add_parser(
+        "check-data", help="read every image/mask pair of a folder once; list all problems",
+        description=(
+            "Read every image/mask pair of a folder dataset (DIR/images, DIR/masks) once "
+            "and print every problem, each with its file: unreadable or truncated "
+            "files, NaN or infinite pixels, float or RGB masks, labels outside "
+            "0..N-1, image and mask sizes that differ, images without masks and masks "
+            "without images. Exit status 1 if there is any."
+        ),
+    )
+    check_data.add_argument("dataset", metavar="DIR", help="folder with images/ and masks/")
+    check_data.add_argument("--n-label", type=_positive_int, required=True, metavar="N",
+                            help="1 for binary masks (0/1 or 0/255), else the number of "
+                                 "classes, background included")
+
     evaluate = commands.add_parser(
         "evaluate", help="held-out Dice and IoU of a run, next to an Otsu baseline",
         description=(
@@ -266,6 +294,18 @@ def build_parser():
                          help="probability threshold of binary models, in (0, 1) "
                               "(default: 0.5)")
     _channels_option(predict)
+    windows = predict.add_argument_group("large images")
+    windows.add_argument("--patch", type=_positive_int, default=None, metavar="N",
+                         help="predict an image with a side longer than N by sliding "
+                              "windows of NxN patches, Gaussian-blended (N a multiple of "
+                              "2**depth); smaller images whole (default: every image "
+                              "whole)")
+    windows.add_argument("--overlap", type=_overlap, default=0.5,
+                         help="fraction of a patch shared with its neighbour, in [0, 1) "
+                              "(default: 0.5)")
+    windows.add_argument("--tta", action="store_true",
+                         help="test-time augmentation: average the predictions of every "
+                              "flip of the axes (4 passes)")
     predict.add_argument("--overwrite", action="store_true",
                          help="replace PNGs that exist")
 
@@ -357,9 +397,11 @@ def _add_train_parser(commands):
                        help="delete an existing run in DIR and start again")
     scale = train.add_argument_group("distribution and precision")
     scale.add_argument("--strategy", choices=STRATEGIES, default=defaults.strategy,
-                       help="tf.distribute strategy (default: auto = TPU if found, "
-                            "mirrored over several GPUs, else one device); --batch-size "
-                            "is then per replica")
+                       help="tf.distribute strategy under TensorFlow (default: auto = "
+                            "TPU if found, mirrored over several GPUs, else one device); "
+                            "under KERAS_BACKEND=jax or torch: default (one device), or "
+                            "data_parallel (jax: keras.distribution over every local "
+                            "device); --batch-size is per replica")
     scale.add_argument("--precision", choices=PRECISIONS,
                        default=defaults.precision,
                        help=f"Keras dtype policy (default: {defaults.precision}); the "
@@ -401,6 +443,10 @@ def _import_commands(quiet):
     with tempfile.TemporaryFile() as capture:
         os.dup2(capture.fileno(), 2)
         try:
+            # Under KERAS_BACKEND=jax or torch Keras does not import TensorFlow, but the
+            # data pipeline (tf.data) does, later: import it here, quietly, for all.
+            import tensorflow  # noqa: F401
+
             from attunet_keras import cli
         finally:
             sys.stderr.flush()

@@ -115,6 +115,7 @@ def _export(args):
     from attunet_keras import export
     from attunet_keras import inference
 
+    export.check_backend(args.format)
     extensions = {"onnx": (".onnx",), "litert": (".tflite",)}.get(args.format)
     if extensions and os.path.splitext(args.output)[1].lower() not in extensions:
         raise ValueError(f"--output {args.output!r}: a {args.format} export is a "
@@ -230,6 +231,9 @@ def _print_scores(result):
     for name, value in result["model"].items():
         baseline = f"{otsu[name]:>10.4f}" if name in otsu else f"{'n/a':>10}"
         print(f"  {name:<24}{value:>10.4f}{baseline}")
+    if "hd95" in result["model"]:
+        print("  (hd95: 95th percentile Hausdorff distance in pixels, mean over the "
+              "held-out tiles; lower is better)")
     if result.get("otsu_note"):
         print(f"  ({result['otsu_note']})")
 
@@ -316,6 +320,8 @@ def _predict(args):
         if folders:
             raise FileExistsError(f"{folders[0]} is a folder; predict only replaces files.")
     model = _checked_model(args)
+    if args.patch is not None:
+        inference.check_patch_size(model, args.patch, rank=2)
     channels = inference.input_channels(model)
     model = inference.fully_convolutional(model)
     n_label = inference.output_channels(model)
@@ -328,13 +334,30 @@ def _predict(args):
             existing = [path for path in paths if os.path.lexists(path)]
             if existing:
                 raise FileExistsError(f"{existing[0]} already exists; pass --overwrite.")
-        probabilities = inference.predict_probabilities(model, image, normalized=normalized)
+        probabilities = _predict_image(model, image, normalized, args)
         labels = inference.labels_from_probabilities(probabilities, args.threshold)
         shown = image if normalized else data.normalize(image)
         inference.save_png(paths[0], inference.mask_png(labels, n_label))
         inference.save_png(paths[1], inference.overlay(shown, labels))
         print(f"Wrote {paths[0]} and {paths[1]} ({labels.shape[0]}x{labels.shape[1]})")
     return 0
+
+
+def _predict_image(model, image, normalized, args):
+    """Whole, or by sliding windows when a side is longer than --patch (the rule of
+    docs/training.md); --tta on a whole image is one window of the padded image."""
+    from attunet_keras import inference
+
+    larger = args.patch is not None and max(image.shape[:2]) > args.patch
+    if not (larger or args.tta):
+        return inference.predict_probabilities(model, image, normalized=normalized)
+    if larger:
+        patch = args.patch
+    else:
+        multiple = inference.size_multiple(model)
+        patch = tuple(-(-side // multiple) * multiple for side in image.shape[:2])
+    return inference.predict_sliding_window(model, image, patch, overlap=args.overlap,
+                                            tta=args.tta, normalized=normalized)
 
 
 def _attention(args):
@@ -374,9 +397,25 @@ def _check_batch(model, seed):
     return np.random.default_rng(seed).random(shape, dtype="float32")
 
 
+def _check_data(args):
+    from attunet_keras import data
+
+    if not os.path.isdir(args.dataset):
+        raise FileNotFoundError(f"{args.dataset} is not a folder.")
+    checked, problems = data.check_folder(args.dataset, args.n_label)
+    for problem in problems:
+        print(problem)
+    if problems:
+        print(f"{len(problems)} problem(s) in {args.dataset} ({checked} pair(s) read).")
+        return 1
+    print(f"{args.dataset}: {checked} pair(s) read, no problems (n_label={args.n_label}).")
+    return 0
+
+
 _COMMANDS = {
     "summary": _summary, "plot": _plot, "export": _export, "train": _train,
     "evaluate": _evaluate, "predict": _predict, "attention": _attention,
+    "check-data": _check_data,
 }
 
 

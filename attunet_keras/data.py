@@ -133,7 +133,13 @@ def normalize(image, low=1.0, high=99.8):
     image = np.asarray(image, dtype="float32")
     if image.ndim == 2:
         image = image[..., None]
-    return _scale_percentiles(image, low, high, axis=(0, 1))
+    return normalize_channels(image, (0, 1), low, high)
+
+
+def normalize_channels(image, spatial_axes, low=1.0, high=99.8):
+    """`normalize` for an image or volume whose last axis is channels."""
+    return _scale_percentiles(np.asarray(image, dtype="float32"), low, high,
+                              axis=tuple(spatial_axes))
 
 
 def _scale_percentiles(array, low, high, axis):
@@ -399,9 +405,10 @@ def folder(path, n_label, tile=128, fit="tile", val_fraction=0.2, seed=0):
     )
 
 
-def find_pairs(path):
-    """Sorted (image, mask) paths of `path/images` and `path/masks` with equal stems."""
-    folders = {}
+def _list_folders(path):
+    """`({"images": {stem: name}, "masks": {...}}, [files sharing a stem])` of a folder
+    dataset; a FileNotFoundError when `images/` or `masks/` is missing."""
+    folders, shared = {}, []
     for sub in ("images", "masks"):
         directory = os.path.join(path, sub)
         if not os.path.isdir(directory):
@@ -415,11 +422,19 @@ def find_pairs(path):
             if extension.lower() not in IMAGE_EXTENSIONS:
                 continue
             if stem in files:
-                raise ValueError(
-                    f"{directory}: {files[stem]} and {name} share the stem {stem!r}."
-                )
+                shared.append((directory, files[stem], name, stem))
+                continue
             files[stem] = name
         folders[sub] = files
+    return folders, shared
+
+
+def find_pairs(path):
+    """Sorted (image, mask) paths of `path/images` and `path/masks` with equal stems."""
+    folders, shared = _list_folders(path)
+    if shared:
+        directory, first, second, stem = shared[0]
+        raise ValueError(f"{directory}: {first} and {second} share the stem {stem!r}.")
     images, masks = folders["images"], folders["masks"]
     no_mask = sorted(set(images) - set(masks))
     no_image = sorted(set(masks) - set(images))
@@ -440,44 +455,110 @@ def find_pairs(path):
     ]
 
 
+def mask_problems(mask, mask_path, n_label):
+    """Every reason `mask` (as read) is not a label image for `n_label`; [] if none."""
+    if mask.dtype.kind not in "uib":
+        return [f"{mask_path}: masks must be integer label images; this one is "
+                f"{mask.dtype} (a float mask would be truncated). Save the labels as "
+                "integers (e.g. uint8 PNG or TIFF)."]
+    if mask.ndim == 3:
+        if not (mask.shape[-1] == 1 or np.all(mask == mask[..., :1])):
+            return [f"{mask_path}: a mask must be a single-channel label image; got "
+                    f"{mask.shape[-1]} different channels (an RGB mask?)."]
+        mask = mask[..., 0]
+    values = np.unique(mask)
+    if n_label == 1:
+        if not (set(values.tolist()) <= {0, 255} or set(values.tolist()) <= {0, 1}):
+            return [f"{mask_path}: a binary mask (n_label=1) holds 0/1 or 0/255; found "
+                    f"values {values[:10].tolist()}."]
+    elif values.max() >= n_label or values.min() < 0:
+        bad = values[(values >= n_label) | (values < 0)]
+        return [f"{mask_path}: labels {bad[:10].tolist()} are outside 0..{n_label - 1} "
+                f"(n_label={n_label})."]
+    return []
+
+
+def _size_problem(image, mask, image_path, mask_path):
+    if image.shape[:2] != mask.shape[:2]:
+        return (f"{image_path} is {image.shape[0]}x{image.shape[1]} but {mask_path} is "
+                f"{mask.shape[0]}x{mask.shape[1]}; an image and its mask must be the same "
+                "size.")
+    return None
+
+
 def _load_pair(image_path, mask_path, n_label):
     image = read_image(image_path)
     mask = read_image(mask_path)
-    if mask.dtype.kind not in "uib":
-        raise ValueError(
-            f"{mask_path}: masks must be integer label images; this one is "
-            f"{mask.dtype} (a float mask would be truncated). Save the labels as "
-            "integers (e.g. uint8 PNG or TIFF)."
-        )
+    problems = mask_problems(mask, mask_path, n_label)
+    if problems:
+        raise ValueError(problems[0])
     if mask.ndim == 3:
-        if mask.shape[-1] == 1 or np.all(mask == mask[..., :1]):
-            mask = mask[..., 0]
-        else:
-            raise ValueError(
-                f"{mask_path}: a mask must be a single-channel label image; got "
-                f"{mask.shape[-1]} different channels."
-            )
-    if image.shape[:2] != mask.shape:
-        raise ValueError(
-            f"{image_path} is {image.shape[0]}x{image.shape[1]} but {mask_path} is "
-            f"{mask.shape[0]}x{mask.shape[1]}; an image and its mask must be the same size."
-        )
-    values = np.unique(mask)
-    if n_label == 1:
-        if set(values.tolist()) <= {0, 255}:
-            mask = mask // 255
-        elif not set(values.tolist()) <= {0, 1}:
-            raise ValueError(
-                f"{mask_path}: a binary mask (n_label=1) holds 0/1 or 0/255; found "
-                f"values {values[:10].tolist()}."
-            )
-    elif values.max() >= n_label or values.min() < 0:
-        bad = values[(values >= n_label) | (values < 0)]
-        raise ValueError(
-            f"{mask_path}: labels {bad[:10].tolist()} are outside 0..{n_label - 1} "
-            f"(n_label={n_label})."
-        )
+        mask = mask[..., 0]
+    size = _size_problem(image, mask, image_path, mask_path)
+    if size:
+        raise ValueError(size)
+    if n_label == 1 and mask.max() > 1:
+        mask = mask // 255
     return normalize(image), mask.astype("uint8")
+
+
+def check_folder(path, n_label):
+    """Reads every image/mask pair of a folder dataset once and lists *all* problems.
+
+    One pair is in memory at a time. Problems: files that share a stem, images
+    without a mask and masks without an image, unreadable or truncated files, NaN or
+    infinite pixels, float or multi-channel (RGB) masks, labels outside
+    0..n_label-1 (0/1 or 0/255 for n_label=1), an image and mask of different sizes,
+    and images of different channel counts.
+
+    Returns:
+        `(pairs_checked, problems)`: the number of pairs read and one line per
+        problem, each naming its file.
+
+    Raises:
+        FileNotFoundError: `path` has no `images/` or `masks/` folder.
+    """
+    _validation.check_int("n_label", n_label, 1)
+    listings, shared = _list_folders(path)
+    problems = [f"{os.path.join(directory, second)}: shares the stem {stem!r} with {first}; "
+                "rename one." for directory, first, second, stem in shared]
+    images, masks = listings["images"], listings["masks"]
+    if not images:
+        problems.append(f"{os.path.join(path, 'images')}: holds no "
+                        f"{', '.join(IMAGE_EXTENSIONS)} files.")
+    for stem in sorted(set(images) - set(masks)):
+        problems.append(f"{os.path.join(path, 'images', images[stem])}: image without a "
+                        f"mask (no masks/{stem}.*).")
+    for stem in sorted(set(masks) - set(images)):
+        problems.append(f"{os.path.join(path, 'masks', masks[stem])}: mask without an "
+                        f"image (no images/{stem}.*).")
+    channels, checked = {}, 0
+    for stem in sorted(set(images) & set(masks)):
+        image_path = os.path.join(path, "images", images[stem])
+        mask_path = os.path.join(path, "masks", masks[stem])
+        checked += 1
+        image, mask = (_read_or_note(file, problems) for file in (image_path, mask_path))
+        if image is not None:
+            channels.setdefault(image.shape[2] if image.ndim == 3 else 1, image_path)
+        if mask is not None:
+            problems.extend(mask_problems(mask, mask_path, n_label))
+        if image is not None and mask is not None:
+            size = _size_problem(image, mask, image_path, mask_path)
+            if size:
+                problems.append(size)
+    if len(channels) > 1:
+        examples = ", ".join(f"{count} channel(s): {file}"
+                             for count, file in sorted(channels.items()))
+        problems.append(f"{path}: images have different channel counts ({examples}).")
+    return checked, problems
+
+
+def _read_or_note(path, problems):
+    try:
+        return read_image(path)
+    except ValueError as error:
+        problems.append(str(error))
+        return None
 
 
 def _resize(array, size, method):

@@ -8,6 +8,7 @@ every attention gate (the `*_gate_sigmoid` layers) as extra outputs. `load_model
 reads a `.keras` file with one clear error for anything that is not a model.
 """
 
+import itertools
 import os
 import zipfile
 
@@ -269,6 +270,158 @@ def predict_probabilities(model, image, *, normalized=False):
         normalized: bool. The image is already in the model's input range.
     """
     return _run(model, image, normalized)[0]
+
+
+BLENDS = ("gaussian", "constant")
+
+
+def predict_sliding_window(model, image, patch_size, *, overlap=0.5, blend="gaussian",
+                           batch_size=4, tta=False, normalized=False):
+    """Probabilities of a large 2D image or 3D volume, patch by patch, blended.
+
+    Patches of `patch_size` lie on a grid with the given overlap (the last patch of
+    each axis flush with the border; an image smaller than a patch is padded, by
+    reflection then zeros, and the result cropped back). They are predicted
+    `batch_size` at a time and summed with an importance map: a Gaussian centred on
+    the patch with sigma patch/8 per axis (as MONAI and nnU-Net blend), or constant
+    weights. Peak memory follows the patch batch, not the image: only the summed
+    probabilities and weights are image-sized.
+
+    Args:
+        model: keras.Model. An `att_unet` (2D) or `att_unet_3d` (3D), either layout.
+        image: array. `(H, W)` or `(H, W, C)` for 2D, `(D, H, W)` or `(D, H, W, C)`
+            for 3D, channels last.
+        patch_size: int or tuple. Patch size per spatial axis; each a multiple of the
+            model's size multiple (`size_multiple(model)`).
+        overlap: float. Fraction of a patch shared with its neighbour, in [0, 1).
+        blend: str. `"gaussian"` or `"constant"`.
+        batch_size: int. Patches per model call.
+        tta: bool. Test-time augmentation: the mean over every combination of flips
+            of the spatial axes (4 passes in 2D, 8 in 3D).
+        normalized: bool. The image is already in the model's input range;
+            otherwise it is percentile-normalised per channel here.
+
+    Returns:
+        float32 probabilities of the image's spatial size, channels last.
+    """
+    volume = is_volume_model(model)
+    rank = 3 if volume else 2
+    image = np.asarray(image)
+    if image.ndim == rank:
+        image = image[..., None]
+    channels = input_channels(model)
+    if image.ndim != rank + 1 or image.shape[-1] != channels or min(image.shape[:rank]) < 1:
+        kind = "(D, H, W[, C]) volume" if volume else "(H, W[, C]) image"
+        raise ValueError(
+            f"the model takes a {kind} with {channels} channel(s); received shape "
+            f"{image.shape}."
+        )
+    patch = check_patch_size(model, patch_size, rank)
+    if not (isinstance(overlap, (int, float)) and 0.0 <= overlap < 1.0):
+        raise ValueError(f"overlap={overlap!r} is not allowed; expected a number in [0, 1).")
+    if blend not in BLENDS:
+        raise ValueError(f"blend={blend!r} is not supported; expected one of {BLENDS}.")
+    if not (isinstance(batch_size, int) and batch_size >= 1):
+        raise ValueError(f"batch_size={batch_size!r} is not allowed; expected an int >= 1.")
+    if not normalized:
+        image = data_lib.normalize_channels(image, spatial_axes=tuple(range(rank)))
+    image = image.astype("float32")
+    size = image.shape[:rank]
+    padded = _pad_to_at_least(image, patch)
+    starts = [_window_starts(extent, side, overlap)
+              for extent, side in zip(padded.shape[:rank], patch)]
+    importance = _importance_map(patch, blend)
+    runner = _with_free_sizes(model)
+    channels_first = model_data_format(model) == "channels_first"
+    flips = [()]
+    if tta:
+        flips = [axes for count in range(rank + 1)
+                 for axes in itertools.combinations(range(1, rank + 1), count)]
+
+    total = weights = None
+    corners = list(itertools.product(*starts))
+    for first in range(0, len(corners), batch_size):
+        chunk = corners[first:first + batch_size]
+        batch = np.stack([padded[tuple(slice(c, c + p) for c, p in zip(corner, patch))]
+                          for corner in chunk])
+        predicted = np.mean([_predict_flipped(runner, batch, axes, channels_first)
+                             for axes in flips], axis=0)
+        if total is None:
+            total = np.zeros(padded.shape[:rank] + predicted.shape[-1:], "float32")
+            weights = np.zeros(padded.shape[:rank], "float32")
+        for corner, probabilities in zip(chunk, predicted):
+            where = tuple(slice(c, c + p) for c, p in zip(corner, patch))
+            total[where] += probabilities * importance[..., None]
+            weights[where] += importance
+    crop = tuple(slice(0, extent) for extent in size)
+    return (total[crop] / weights[crop][..., None]).astype("float32")
+
+
+def check_patch_size(model, patch_size, rank):
+    """`patch_size` as a tuple of `rank` sizes; a ValueError unless the model takes it."""
+    patch = (patch_size,) * rank if isinstance(patch_size, int) else tuple(patch_size)
+    multiple = size_multiple(model)
+    if len(patch) != rank or not all(isinstance(p, int) and p >= multiple and p % multiple == 0
+                                     for p in patch):
+        raise ValueError(
+            f"patch_size={patch_size!r} is not allowed; expected an int or {rank} ints, "
+            f"each a positive multiple of {multiple} (the model's size multiple)."
+        )
+    if needs_static_sizes(model):
+        own = tuple(model.inputs[0].shape[2:] if model_data_format(model) == "channels_first"
+                    else model.inputs[0].shape[1:-1])
+        if patch != own:
+            raise ValueError(
+                f"patch_size={patch} must be the model's own size {own}: its bilinear "
+                "up-sampling cannot take other sizes."
+            )
+    return patch
+
+
+def _pad_to_at_least(image, patch):
+    """Pads the spatial axes at their end to at least `patch`: reflection, then zeros."""
+    rank = len(patch)
+    short = [max(side - extent, 0) for extent, side in zip(image.shape[:rank], patch)]
+    if not any(short):
+        return image
+    reach = [min(pad, extent - 1) for pad, extent in zip(short, image.shape[:rank])]
+    image = np.pad(image, [(0, r) for r in reach] + [(0, 0)], mode="reflect")
+    return np.pad(image, [(0, s - r) for s, r in zip(short, reach)] + [(0, 0)])
+
+
+def _window_starts(extent, side, overlap):
+    """Starts of windows of `side` over `extent`, `overlap` apart, the last flush."""
+    step = max(1, int(round(side * (1.0 - overlap))))
+    starts = list(range(0, extent - side + 1, step))
+    if starts[-1] != extent - side:
+        starts.append(extent - side)
+    return starts
+
+
+def _importance_map(patch, blend):
+    if blend == "constant":
+        return np.ones(patch, "float32")
+    grids = np.meshgrid(*[np.arange(side, dtype="float64") for side in patch], indexing="ij")
+    exponent = sum(((grid - (side - 1) / 2.0) / (side / 8.0)) ** 2
+                   for grid, side in zip(grids, patch))
+    gaussian = np.exp(-0.5 * exponent)
+    gaussian /= gaussian.max()
+    # The corners of a Gaussian are almost 0; a floor keeps every pixel's weight
+    # positive where a single patch covers it (at the image's corners).
+    return np.maximum(gaussian, 1e-3).astype("float32")
+
+
+def _predict_flipped(runner, batch, axes, channels_first):
+    """The runner's main output on `batch` flipped along `axes` (and flipped back)."""
+    flipped = np.flip(batch, axes) if axes else batch
+    if channels_first:
+        flipped = np.moveaxis(flipped, -1, 1)
+    # predict_on_batch runs the compiled predict function (traced once per batch size)
+    outputs = runner.predict_on_batch(np.ascontiguousarray(flipped))
+    output = np.asarray(outputs[0] if isinstance(outputs, (list, tuple)) else outputs)
+    if channels_first:
+        output = np.moveaxis(output, 1, -1)
+    return np.flip(output, axes) if axes else output
 
 
 def labels_from_probabilities(probabilities, threshold=0.5):

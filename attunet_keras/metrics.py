@@ -7,6 +7,7 @@ per-batch scores). Predictions are hard: `y_pred > threshold` for one channel
 """
 
 import keras
+import numpy as np
 from keras import ops
 
 from attunet_keras import _validation
@@ -137,3 +138,46 @@ def segmentation_metrics(n_label, class_names=None, data_format=None):
             metrics.append(IoU(n_label, class_id, data_format=data_format,
                                name=f"iou_{names[class_id]}"))
     return metrics
+
+
+def surface_distances(prediction, truth, spacing=None):
+    """Distances from every surface pixel (voxel) of `prediction` to the surface of
+    `truth`, in units of `spacing` (pixels by default).
+
+    A mask's surface is the mask minus its binary erosion (as MONAI's
+    `get_mask_edges`); distances come from the exact Euclidean distance transform of
+    the other surface's complement (`scipy.ndimage.distance_transform_edt`).
+    """
+    from scipy import ndimage
+
+    prediction, truth = np.asarray(prediction, bool), np.asarray(truth, bool)
+    edges_prediction = prediction ^ ndimage.binary_erosion(prediction)
+    edges_truth = truth ^ ndimage.binary_erosion(truth)
+    if not edges_truth.any():
+        return np.full(int(edges_prediction.sum()), np.inf)
+    distance = ndimage.distance_transform_edt(~edges_truth, sampling=spacing)
+    return distance[edges_prediction]
+
+
+def hausdorff95(prediction, truth, spacing=None):
+    """The 95th percentile Hausdorff distance between two binary masks (2D or 3D).
+
+    The larger of the two directed 95th percentiles of `surface_distances`, as MONAI's
+    `compute_hausdorff_distance(percentile=95)`. Empty masks follow MONAI: both empty
+    gives NaN (no surface to measure), one empty and the other not gives infinity.
+
+    Args:
+        prediction, truth: boolean (or 0/1) arrays of one shape.
+        spacing: float or sequence. Pixel (voxel) size per axis, e.g. from a NIfTI
+            affine; `None` measures in pixels.
+    """
+    prediction, truth = np.asarray(prediction, bool), np.asarray(truth, bool)
+    if prediction.shape != truth.shape:
+        raise ValueError(f"prediction {prediction.shape} and truth {truth.shape} must have "
+                         "one shape.")
+    if not prediction.any() and not truth.any():
+        return float("nan")
+    if not prediction.any() or not truth.any():
+        return float("inf")
+    return float(max(np.percentile(surface_distances(prediction, truth, spacing), 95),
+                     np.percentile(surface_distances(truth, prediction, spacing), 95)))

@@ -17,6 +17,7 @@ A run lives in one output folder:
 - `result.json`: the final held-out scores, written when training finishes.
 """
 
+import contextlib
 import csv
 import dataclasses
 import json
@@ -374,6 +375,7 @@ def train(config, *, overwrite=False, verbose="auto"):
     from attunet_keras import distribute
 
     config.validate()
+    distribute.check_strategy_backend(config.strategy)
     if config.strategy == "multiworker":
         raise ValueError(
             "strategy='multiworker' runs one process per worker with its own loop: call "
@@ -388,7 +390,10 @@ def train(config, *, overwrite=False, verbose="auto"):
     global_batch, steps = batching(config, strategy, dataset)
     jit_compile = distribute.resolve_jit_compile(config.jit_compile, strategy)
     start_output(config, output, overwrite, resuming)
-    with distribute.precision_policy(config.precision):
+    # A keras.distribution (JAX) must be active while the model is fitted too.
+    active = (strategy.scope() if isinstance(strategy, distribute.KerasDistribution)
+              else contextlib.nullcontext())
+    with distribute.precision_policy(config.precision), active:
         return _fit(config, output, resuming, dataset, strategy, global_batch, steps,
                     jit_compile, verbose)
 
@@ -682,11 +687,18 @@ def evaluate_model(model, dataset, config):
         data_format=data_format)
     metrics = metrics_lib.segmentation_metrics(
         dataset.n_label, dataset.class_names, data_format)
+    labels = []
     for images, targets in val_data:
         predictions = main_output(model(images, training=False))
         for metric in metrics:
             metric.update_state(targets, predictions)
+        predictions = keras.ops.convert_to_numpy(predictions)
+        if data_format == "channels_first":
+            predictions = np.moveaxis(predictions, 1, -1)
+        labels.extend(inference.labels_from_probabilities(p) for p in predictions)
     scores = {metric.name: float(metric.result()) for metric in metrics}
+    scores.update(hd95_scores(np.stack(labels), dataset.val.masks, dataset.n_label,
+                              dataset.class_names))
     result = {"dataset": dataset.name, "held_out_tiles": len(dataset.val),
               "model": scores, "otsu": None}
     if dataset.n_label > MAX_OTSU_CLASSES:
@@ -694,7 +706,10 @@ def evaluate_model(model, dataset, config):
             f"no Otsu baseline: multi-Otsu is skipped above {MAX_OTSU_CLASSES} classes, "
             "where its search takes minutes to hours")
     else:
-        result["otsu"] = otsu_scores(dataset.val, dataset.n_label, dataset.class_names)
+        try:
+            result["otsu"] = otsu_scores(dataset.val, dataset.n_label, dataset.class_names)
+        except ValueError as error:  # e.g. constant intensities: nothing to threshold
+            result["otsu_note"] = f"no Otsu baseline: {error}"
     return result
 
 
@@ -713,4 +728,27 @@ def otsu_scores(split, n_label, class_names):
         metric.update_state(data_lib.targets(split.masks, n_label),
                             data_lib.targets(predicted, n_label))
         scores[metric.name] = float(metric.result())
+    scores.update(hd95_scores(predicted, split.masks, n_label, class_names))
+    return scores
+
+
+def hd95_scores(predicted, truth, n_label, class_names):
+    """Held-out HD95 in pixels: per tile and foreground class, then the mean over tiles.
+
+    As MONAI's `reduction="mean"`: a tile where prediction and truth are both empty
+    (NaN) is left out of the mean; one empty and the other not makes it infinite.
+    `hd95` is the foreground's (binary) or the mean over the classes 1.., with
+    `hd95_{class}` per class.
+    """
+    classes = [1] if n_label == 1 else list(range(1, n_label))
+    per_class = {}
+    for label in classes:
+        values = np.array([metrics_lib.hausdorff95(p == label, t == label)
+                           for p, t in zip(predicted, truth)])
+        finite_or_inf = values[~np.isnan(values)]
+        per_class[label] = float(finite_or_inf.mean()) if finite_or_inf.size else math.nan
+    if n_label == 1:
+        return {"hd95": per_class[1]}
+    scores = {"hd95": float(np.mean(list(per_class.values())))}
+    scores.update({f"hd95_{class_names[label]}": value for label, value in per_class.items()})
     return scores

@@ -146,7 +146,7 @@ def test_evaluate_json(tiny_run, capsys):
 
     assert cli.main(["evaluate", str(tiny_run), "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
-    assert set(result["model"]) == set(result["otsu"]) == {"dice", "iou"}
+    assert set(result["model"]) == set(result["otsu"]) == {"dice", "iou", "hd95"}
 
 
 def test_predict_writes_mask_and_overlay_for_held_out_images(tiny_run, tmp_path):
@@ -179,6 +179,40 @@ def test_predict_on_a_folder_of_images(tiny_run, tmp_path):
                                           "b_overlay.png"]
     with Image.open(output / "a_mask.png") as mask:
         assert mask.size == (60, 40)
+
+
+def test_predict_by_sliding_windows_above_the_patch_size(tiny_run, tmp_path, capsys):
+    import numpy as np
+    from PIL import Image
+
+    from attunet_keras import data
+    from attunet_keras import inference
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for name, size in (("large.png", (150, 100)), ("small.png", (40, 60))):
+        Image.fromarray((rng.random(size) * 255).astype("uint8")).save(folder / name)
+    output = tmp_path / "out"
+    model_path = str(tiny_run / "best.keras")
+    assert cli.main(["predict", str(folder), "--model", model_path, "--output", str(output),
+                     "--patch", "64", "--overlap", "0.25", "--tta"]) == 0
+    model = inference.load_model(model_path)
+    for name, expected in (
+            ("large", inference.predict_sliding_window(
+                model, data.read_image(str(folder / "large.png")), 64, overlap=0.25,
+                tta=True)),
+            ("small", inference.predict_sliding_window(  # whole: one window, padded
+                model, data.read_image(str(folder / "small.png")), (40, 60), tta=True))):
+        with Image.open(output / f"{name}_mask.png") as mask:
+            np.testing.assert_array_equal(
+                np.asarray(mask), inference.mask_png(
+                    inference.labels_from_probabilities(expected), 1))
+    with pytest.raises(SystemExit):
+        cli.main(["predict", str(folder), "--model", model_path, "--output",
+                  str(tmp_path / "other"), "--patch", "30"])
+    assert "patch_size=30 is not allowed" in capsys.readouterr().err
+    assert not (tmp_path / "other").exists()
 
 
 def test_attention_writes_one_figure(tiny_run, tmp_path, capsys):

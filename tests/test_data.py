@@ -269,3 +269,81 @@ def test_float_masks_are_refused_naming_the_file(tmp_path):
     with pytest.raises(ValueError, match=r"a.tif: masks must be integer label images; this "
                                          r"one is float32"):
         data.folder(str(tmp_path), 1, tile=32)
+
+
+# ------------------------------------------------------------------ check-data
+
+
+def _bad_folder(root):
+    """A folder with one of each problem check-data must report, and two good pairs."""
+    image, mask = _random_pair(n_label=3)
+    _write_pair(root, "good", image, mask)
+    _write_pair(root, "good_too", image, mask, image_ext=".tif", mask_ext=".tif")
+    _write_pair(root, "no_mask", image, mask)
+    os.remove(os.path.join(root, "masks", "no_mask.png"))
+    _write_pair(root, "no_image", image, mask)
+    os.remove(os.path.join(root, "images", "no_image.png"))
+    _write_pair(root, "garbage", image, mask)
+    with open(os.path.join(root, "images", "garbage.png"), "wb") as file:
+        file.write(b"not a png at all")
+    _write_pair(root, "truncated", image, mask)
+    path = os.path.join(root, "images", "truncated.png")
+    with open(path, "rb") as file:
+        whole = file.read()
+    with open(path, "wb") as file:
+        file.write(whole[: len(whole) // 2])
+    _write_pair(root, "smaller_mask", image, mask[:32, :40])
+    _write_pair(root, "labels", image, (mask + 3).astype("uint8"))  # 3..5 for n_label=3
+    nan_image = image.astype("float32")
+    nan_image[5, 5] = np.nan
+    _write_pair(root, "nan", nan_image, mask, image_ext=".tif")
+    _write_pair(root, "rgb_mask", image, np.stack([mask, mask * 0, mask], axis=-1))
+    _write_pair(root, "float_mask", image, mask.astype("float32"), mask_ext=".tif")
+    _write_pair(root, "color", np.stack([image] * 3, axis=-1), mask)
+    tifffile.imwrite(os.path.join(root, "images", "good.tif"), image)  # a second "good"
+    return {
+        "images/good.tif": "shares the stem 'good' with good.png",
+        "images/no_mask.png": "image without a mask",
+        "masks/no_image.png": "mask without an image",
+        "images/garbage.png": "cannot be read as an image",
+        "images/truncated.png": "cannot be read as an image",
+        "images/smaller_mask.png": "is 64x64 but",
+        "masks/labels.png": "labels [3, 4, 5] are outside 0..2",
+        "images/nan.tif": "1 pixel(s) are NaN or infinite",
+        "masks/rgb_mask.png": "3 different channels (an RGB mask?)",
+        "masks/float_mask.tif": "masks must be integer label images",
+        "images/color.png": "different channel counts",
+    }
+
+
+def test_check_data_lists_every_problem_of_a_folder_at_once(tmp_path, capsys):
+    from attunet_keras import cli
+
+    expected = _bad_folder(str(tmp_path))
+    status = cli.main(["check-data", str(tmp_path), "--n-label", "3"])
+    lines = capsys.readouterr().out.splitlines()
+    assert status == 1
+    for file, reason in expected.items():
+        assert any(os.path.join(str(tmp_path), file) in line and reason in line
+                   for line in lines), (file, reason, lines)
+    assert lines[-1] == f"{len(expected)} problem(s) in {tmp_path} (10 pair(s) read)."
+    # the good pairs are read without a problem; only the extra good.tif is named
+    assert [line for line in lines[:-1] if "good" in line] == [
+        f"{os.path.join(str(tmp_path), 'images', 'good.tif')}: shares the stem 'good' with "
+        "good.png; rename one."]
+
+
+def test_check_data_passes_a_good_folder_and_names_a_missing_one(tmp_path, capsys):
+    from attunet_keras import cli
+
+    image, mask = _random_pair(n_label=2)
+    for stem in ("a", "b", "c"):
+        _write_pair(str(tmp_path / "good"), stem, image, mask)
+    assert cli.main(["check-data", str(tmp_path / "good"), "--n-label", "2"]) == 0
+    assert capsys.readouterr().out.strip() == (
+        f"{tmp_path / 'good'}: 3 pair(s) read, no problems (n_label=2).")
+    # the labels are 0/1: binary (n_label=1) passes too
+    assert cli.main(["check-data", str(tmp_path / "good"), "--n-label", "1"]) == 0
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["check-data", str(tmp_path / "missing"), "--n-label", "2"])
+    assert exit_info.value.code == 2

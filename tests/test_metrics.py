@@ -60,3 +60,63 @@ def test_metric_serializes():
 def test_class_id_out_of_range_is_refused():
     with pytest.raises(ValueError, match=r"class_id=3 is not allowed.*0\.\.2"):
         metrics.Dice(n_label=3, class_id=3)
+
+
+# ------------------------------------------------------------------------ HD95
+
+
+def _square(top, left, side=10, shape=(48, 48)):
+    mask = np.zeros(shape, bool)
+    mask[top:top + side, left:left + side] = True
+    return mask
+
+
+def test_hausdorff95_of_two_offset_squares_worked_by_hand():
+    """Two 10x10 squares, the prediction 3 pixels to the right, and a stray pixel.
+
+    The surfaces are the 36-pixel rings (mask minus its erosion). From the
+    prediction's ring to the truth's, the distances are: 14 of 0 (the shared parts of
+    the top and bottom rows), 4 of 1, 4 of 2 and 14 of 3 (the right column at 3, the
+    row ends 1, 2, 3, the left column min(row offset, 3)); the other direction is
+    the mirror image. The stray pixel at (40, 40) is sqrt(21**2 + 21**2) = 29.70 from
+    the truth's corner (19, 19): the Hausdorff distance, but it is above the 95th
+    percentile (numpy's linear interpolation at 0.95 * 36 = 34.2 reads two 3s), so
+    HD95 = 3.
+    """
+    truth = _square(10, 10)
+    prediction = _square(10, 13)
+    assert metrics.hausdorff95(prediction, truth) == pytest.approx(3.0)
+    prediction[40, 40] = True
+    distances = metrics.surface_distances(prediction, truth)
+    assert len(distances) == 37
+    np.testing.assert_allclose(np.sort(distances)[:36], [0] * 14 + [1] * 4 + [2] * 4 + [3] * 14)
+    assert distances.max() == pytest.approx(np.hypot(21, 21))
+    assert metrics.hausdorff95(prediction, truth) == pytest.approx(3.0)
+
+
+def test_hausdorff95_is_in_units_of_the_spacing():
+    """Columns 2 units wide: the 3-pixel shift is 6 units; sorted distances 14 of 0,
+    2 of 1, 4 of 2, 2 of 3, 4 of 4 and 10 of 6, so the 95th percentile is 6."""
+    truth, prediction = _square(10, 10), _square(10, 13)
+    assert metrics.hausdorff95(prediction, truth, spacing=(1.0, 2.0)) == pytest.approx(6.0)
+    assert metrics.hausdorff95(prediction, truth, spacing=(2.0, 1.0)) == pytest.approx(3.0)
+
+
+def test_hausdorff95_of_two_cubes():
+    """Cubes of side 10 two voxels apart: no surface voxel is more than 2 from the
+    other surface, and the far faces (100 of about 490 voxels) are at exactly 2."""
+    truth = np.zeros((32, 32, 32), bool)
+    prediction = truth.copy()
+    truth[10:20, 10:20, 10:20] = True
+    prediction[12:22, 10:20, 10:20] = True
+    assert metrics.hausdorff95(prediction, truth) == pytest.approx(2.0)
+    assert metrics.hausdorff95(prediction, truth, spacing=(0.5, 1, 1)) == pytest.approx(1.0)
+
+
+def test_hausdorff95_of_empty_masks_follows_monai():
+    empty, square = np.zeros((16, 16), bool), _square(2, 2, side=5, shape=(16, 16))
+    assert np.isnan(metrics.hausdorff95(empty, empty))
+    assert metrics.hausdorff95(empty, square) == np.inf
+    assert metrics.hausdorff95(square, empty) == np.inf
+    with pytest.raises(ValueError, match=r"must have one shape"):
+        metrics.hausdorff95(square, square[:8])

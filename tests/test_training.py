@@ -3,10 +3,8 @@
 import csv
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import keras
 import numpy as np
@@ -14,6 +12,7 @@ import pytest
 
 from attunet_keras import data
 from attunet_keras import training
+from helpers import kill_training_at
 
 
 def _tiny_config(tmp_path, **changes):
@@ -149,24 +148,10 @@ def test_a_killed_run_resumes_where_it_was(tmp_path):
     output = tmp_path / "run"
     command = _train_command(output, epochs=4)
     environment = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL, env=environment)
-    deadline = time.time() + 240
-    try:
-        # Wait for a backup taken inside the third epoch (epoch index 2).
-        while time.time() < deadline:
-            progress = training.backup_progress(str(output / "backup"))
-            if progress and progress["epoch"] == 2 and progress["step"] >= 2:
-                break
-            if process.poll() is not None:
-                pytest.fail(f"training ended before it was killed (rc {process.returncode})")
-            time.sleep(0.05)
-        else:
-            pytest.fail("no mid-epoch backup appeared in time")
-        process.send_signal(signal.SIGKILL)
-    finally:
-        process.kill()
-        process.wait()
+    # a backup taken inside the third epoch (epoch index 2)
+    kill_training_at(command, output / "backup",
+                     lambda progress: progress["epoch"] == 2 and progress["step"] >= 2,
+                     "mid-epoch backup", seconds=240, env=environment)
 
     assert not (output / "result.json").exists()
     resume_epoch = training.backup_progress(str(output / "backup"))["epoch"]
@@ -291,3 +276,50 @@ def test_training_does_not_import_the_multiworker_loop():
     assert "multiworker" not in imported and "attunet_keras.multiworker" not in imported
     with pytest.raises(ValueError, match=r"call attunet_keras.multiworker.train"):
         training.train(training.TrainConfig(strategy="multiworker"), verbose=0)
+
+
+def test_evaluation_reports_hd95_per_class_in_pixels(tmp_path):
+    """A model that returns its input, given the one-hot masks as images: a perfect
+    prediction (HD95 0); then the same masks shifted 3 pixels (HD95 3, the squares
+    of tests/test_metrics.py); a tile with an empty class counts as MONAI's mean does."""
+    masks = np.zeros((3, 32, 32), "uint8")
+    masks[:, 4:14, 4:14] = 1
+    masks[:2, 18:28, 18:28] = 2  # class 2 is empty in the third tile
+    # one-hot, each class at its own intensity (so Otsu has three levels to split)
+    one_hot = np.eye(3, dtype="float32")[masks] * np.array([0.2, 0.5, 0.9], "float32")
+    inputs = keras.Input((32, 32, 3))
+    identity = keras.layers.Conv2D(3, 1, use_bias=False)
+    model = keras.Model(inputs, identity(inputs))
+    identity.set_weights([np.eye(3, dtype="float32")[None, None]])
+    dataset = data.SegmentationData("squares", data.Split(one_hot, masks),
+                                    data.Split(one_hot, masks), 3, ("bg", "a", "b"), "test")
+    scores = training.evaluate_model(model, dataset, _tiny_config(tmp_path))["model"]
+    assert scores["dice"] == 1.0
+    assert scores["hd95_a"] == scores["hd95_b"] == scores["hd95"] == 0.0  # NaN tile left out
+
+    shifted = np.roll(one_hot, 3, axis=2)
+    dataset = data.SegmentationData("squares", data.Split(one_hot, masks),
+                                    data.Split(shifted, masks), 3, ("bg", "a", "b"), "test")
+    scores = training.evaluate_model(model, dataset, _tiny_config(tmp_path))["model"]
+    assert scores["hd95_a"] == pytest.approx(3.0) and scores["hd95_b"] == pytest.approx(3.0)
+    assert scores["hd95"] == pytest.approx(3.0)
+    masks[2, 18:28, 18:28] = 2  # now the third tile's prediction of class b is empty
+    dataset = data.SegmentationData("squares", data.Split(one_hot, masks),
+                                    data.Split(shifted, masks), 3, ("bg", "a", "b"), "test")
+    scores = training.evaluate_model(model, dataset, _tiny_config(tmp_path))["model"]
+    assert scores["hd95_b"] == np.inf and scores["hd95_a"] == pytest.approx(3.0)
+
+
+def test_constant_held_out_images_get_no_otsu_baseline_instead_of_an_error(tmp_path):
+    from attunet_keras import models
+
+    masks = np.zeros((2, 32, 32), "uint8")
+    masks[:, 8:16, 8:16] = 1
+    split = data.Split(np.full((2, 32, 32, 1), 0.5, "float32"), masks)
+    dataset = data.SegmentationData("flat", split, split, 3, ("bg", "a", "b"), "test")
+    model = models.att_unet(32, 32, 3, depth=2, features=4, in_channels=1,
+                            data_format="channels_last", output_activation="softmax")
+    result = training.evaluate_model(model, dataset, _tiny_config(tmp_path))
+    assert result["otsu"] is None
+    assert result["otsu_note"].startswith("no Otsu baseline: ")
+    assert set(result["model"]) >= {"dice", "hd95", "hd95_a", "hd95_b"}

@@ -1,0 +1,99 @@
+"""predict_sliding_window: patches on a grid, Gaussian blending, TTA, 2D and 3D."""
+
+import keras
+import numpy as np
+import pytest
+
+from attunet_keras import inference
+from attunet_keras import models
+
+
+@pytest.mark.parametrize("data_format", ["channels_first", "channels_last"])
+def test_one_patch_the_size_of_the_image_equals_predict_probabilities(data_format):
+    model = models.att_unet(None, None, 2, depth=2, features=4, data_format=data_format,
+                            in_channels=1, output_activation="softmax")
+    image = np.random.default_rng(0).random((48, 64), dtype="float32") * 300
+    expected = inference.predict_probabilities(model, image)
+    got = inference.predict_sliding_window(model, image, (48, 64))
+    assert got.shape == (48, 64, 2) and got.dtype == np.float32
+    np.testing.assert_allclose(got, expected, atol=1e-5)
+
+
+def _pointwise_model(rank, data_format):
+    """A 1x1 convolution and sigmoid: the same output for the same pixel anywhere."""
+    shape = (None,) * rank + (1,) if data_format == "channels_last" else (1,) + (None,) * rank
+    inputs = keras.Input(shape)
+    conv = (keras.layers.Conv2D if rank == 2 else keras.layers.Conv3D)(
+        1, 1, activation="sigmoid", data_format=data_format,
+        kernel_initializer=keras.initializers.Constant(2.0),
+        bias_initializer=keras.initializers.Constant(-1.0))
+    return keras.Model(inputs, conv(inputs))
+
+
+@pytest.mark.parametrize("blend", inference.BLENDS)
+@pytest.mark.parametrize("data_format", ["channels_first", "channels_last"])
+def test_a_constant_image_gives_a_seamless_output(blend, data_format):
+    model = _pointwise_model(2, data_format)
+    image = np.full((100, 70, 1), 0.25, "float32")
+    got = inference.predict_sliding_window(model, image, 32, overlap=0.5, blend=blend,
+                                           batch_size=3, tta=True, normalized=True)
+    expected = 1.0 / (1.0 + np.exp(-(2.0 * 0.25 - 1.0)))
+    assert got.shape == (100, 70, 1)
+    np.testing.assert_allclose(got, expected, atol=1e-6)  # no seams, no border effects
+
+
+def test_overlapping_patches_average_what_each_patch_predicts():
+    """A model whose output depends on the position in the patch: the blend of the
+    grid's patches, computed here by hand with constant weights."""
+    inputs = keras.Input((None, None, 1))
+    outputs = keras.layers.Conv2D(1, 3, padding="same", use_bias=False,
+                                  kernel_initializer="ones")(inputs)
+    model = keras.Model(inputs, outputs)
+    image = np.random.default_rng(1).random((40, 24, 1), dtype="float32")
+    got = inference.predict_sliding_window(model, image, (16, 16), overlap=0.5,
+                                           blend="constant", normalized=True)
+    total, count = np.zeros((40, 24, 1)), np.zeros((40, 24, 1))
+    for y in (0, 8, 16, 24):
+        for x in (0, 8):
+            patch = image[y:y + 16, x:x + 16][None]
+            total[y:y + 16, x:x + 16] += model.predict(patch, verbose=0)[0]
+            count[y:y + 16, x:x + 16] += 1
+    np.testing.assert_allclose(got, total / count, atol=1e-5)
+
+
+def test_tta_averages_the_flips():
+    inputs = keras.Input((None, None, 1))
+    outputs = keras.layers.Conv2D(1, 3, padding="same", use_bias=False)(inputs)
+    model = keras.Model(inputs, outputs)
+    image = np.random.default_rng(2).random((16, 16, 1), dtype="float32")
+    got = inference.predict_sliding_window(model, image, 16, tta=True, normalized=True)
+    flips = [(), (0,), (1,), (0, 1)]
+    expected = np.mean([np.flip(model.predict(np.flip(image, axes)[None], verbose=0)[0], axes)
+                        for axes in flips], axis=0)
+    np.testing.assert_allclose(got, expected, atol=1e-5)
+
+
+def test_a_volume_smaller_than_the_patch_is_padded_and_cropped_back():
+    model = models.att_unet_3d(None, None, None, 1, depth=2, features=4,
+                               data_format="channels_last", in_channels=1)
+    volume = np.random.default_rng(3).random((12, 20, 9), dtype="float32")
+    got = inference.predict_sliding_window(model, volume, 16, overlap=0.25)
+    assert got.shape == (12, 20, 9, 1)
+    assert np.isfinite(got).all() and (0 <= got).all() and (got <= 1).all()
+
+
+@pytest.mark.parametrize("arguments, match", [
+    (dict(patch_size=30), r"patch_size=30 is not allowed; .* multiple of 4"),
+    (dict(patch_size=(32, 32, 32)), r"expected an int or 2 ints"),
+    (dict(patch_size=32, overlap=1.0), r"overlap=1.0 is not allowed"),
+    (dict(patch_size=32, blend="hann"), r"blend='hann' is not supported"),
+    (dict(patch_size=32, batch_size=0), r"batch_size=0 is not allowed"),
+    (dict(patch_size=32, image=np.zeros((40, 40, 3))), r"with 1 channel\(s\); received shape"),
+])
+def test_bad_arguments_are_refused_before_predicting(arguments, match, monkeypatch):
+    model = models.att_unet(None, None, 1, depth=2, features=4, data_format="channels_last",
+                            in_channels=1)
+    monkeypatch.setattr(model, "predict_on_batch", lambda *a, **k: pytest.fail("predicted"))
+    image = arguments.pop("image", np.zeros((40, 40), "float32"))
+    with pytest.raises(ValueError, match=match):
+        inference.predict_sliding_window(model, image, **arguments)
