@@ -33,10 +33,22 @@ BACKBONES = ("vgg16", "resnet50", "resnet50v2", "efficientnetb0", "efficientnetb
              "efficientnetb2", "efficientnetb3", "mobilenetv2", "convnext_tiny")
 TRAIN_DEFAULTS = types.SimpleNamespace(
     epochs=30, batch_size=8, learning_rate=2e-3, loss="bce_dice", seed=0, depth=4,
-    features=16, tile=128, data_format="channels_last", backup_every=5, dropout=0.2,
+    features=16, tile=None, data_format="channels_last", backup_every=5, dropout=0.2,
     upsampling="nearest", gate="additive", strategy="auto", precision="float32",
-    jit_compile="auto", cluster_timeout=300, freeze_epochs=0,
+    jit_compile="auto", cluster_timeout=300, freeze_epochs=0, foreground_fraction=0.33,
+    val_fraction=0.2,
 )
+
+
+def _fraction(text):
+    """A number from 0 to 1."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = None
+    if value is None or not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number from 0 to 1, received {text!r}")
+    return value
 
 
 def _positive_int(text):
@@ -286,7 +298,9 @@ def build_parser():
         ),
     )
     predict.add_argument("input", nargs="?", metavar="IMAGE_OR_FOLDER",
-                         help="a PNG/JPEG/TIFF image or a folder of them")
+                         help="a PNG/JPEG/TIFF image or a folder of them; or NIfTI volumes "
+                              "for a 3D model, written as NAME_mask.nii.gz with the "
+                              "input's affine and header")
     _trained_model_options(predict.add_argument_group("model"), required=True)
     predict.add_argument("--output", required=True, metavar="DIR",
                          help="folder for the PNGs (created)")
@@ -318,7 +332,9 @@ def build_parser():
         ),
     )
     attention.add_argument("input", nargs="?", metavar="IMAGE",
-                           help="a PNG/JPEG/TIFF image")
+                           help="a PNG/JPEG/TIFF image, or a NIfTI volume for a 3D model "
+                                "(the figure shows its middle slice, and every gate's map "
+                                "is also written as FILE_<gate>.nii.gz)")
     _trained_model_options(attention.add_argument_group("model"), required=True)
     attention.add_argument("--output", required=True, metavar="FILE.png",
                            help="the figure to write")
@@ -339,13 +355,15 @@ def _add_train_parser(commands):
             "the same command is run again."
         ),
     )
-    train.add_argument("--dataset", required=True, metavar="nuclei|brain|PATH",
-                       help="built-in dataset, or a folder with images/ and masks/")
+    train.add_argument("--dataset", required=True, metavar="nuclei|brain|brain3d|PATH",
+                       help="built-in dataset, or a folder with images/ and masks/ (2D "
+                            "images, or NIfTI volumes for att_unet_3d)")
     train.add_argument("--output", required=True, metavar="DIR", help="the run folder")
     train.add_argument("--epochs", type=int, default=defaults.epochs,
                        help=f"epochs (default: {defaults.epochs})")
     train.add_argument("--steps-per-epoch", type=int, default=None, metavar="N",
-                       help="batches per epoch (default: one pass over the tiles)")
+                       help="batches per epoch (default: every training image's patches "
+                            "once)")
     train.add_argument("--batch-size", type=int, default=defaults.batch_size,
                        metavar="N", help=f"batch size (default: {defaults.batch_size})")
     train.add_argument("--learning-rate", type=float, default=defaults.learning_rate,
@@ -360,7 +378,26 @@ def _add_train_parser(commands):
     train.add_argument("--features", type=int, default=defaults.features, metavar="N",
                        help=f"att_unet base features (default: {defaults.features})")
     train.add_argument("--tile", type=int, default=defaults.tile, metavar="N",
-                       help=f"tile side for nuclei and folders (default: {defaults.tile})")
+                       help="side of the training patches (the model's input) for nuclei "
+                            "and folders (default: 128 for images, 64 for volumes)")
+    train.add_argument("--dims", type=int, choices=(2, 3), default=None,
+                       help="2 (att_unet) or 3 (att_unet_3d on NIfTI volumes); default: "
+                            "from the dataset's files")
+    train.add_argument("--patches-per-image", type=_positive_int, default=None, metavar="N",
+                       help="random patches drawn from each training image per epoch "
+                            "(default: as many as the image's area holds tiles)")
+    train.add_argument("--foreground-fraction", type=_fraction,
+                       default=defaults.foreground_fraction, metavar="P",
+                       help="share of the patches centred on a labelled pixel "
+                            f"(default: {defaults.foreground_fraction})")
+    train.add_argument("--val-fraction", type=float, default=defaults.val_fraction,
+                       metavar="F",
+                       help="share of a folder dataset's files held out, drawn with --seed "
+                            f"and recorded in config.json (default: {defaults.val_fraction})")
+    train.add_argument("--cache", default=None, metavar="DIR",
+                       help="keep decoded, normalised pairs of a folder dataset in DIR so "
+                            "later epochs skip decoding; entries of changed files are "
+                            "rebuilt (default: off)")
     train.add_argument("--data-format", choices=("channels_first", "channels_last"),
                        default=defaults.data_format,
                        help=f"layout (default: {defaults.data_format}, faster on CPUs)")

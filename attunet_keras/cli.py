@@ -162,18 +162,16 @@ def _export(args):
 
 
 def _representative_images(args, count=64):
-    """Up to `count` training tiles of the run, in the model's layout."""
-    import numpy as np
-
+    """`count` random training patches of the run, in the model's layout."""
+    from attunet_keras import data
     from attunet_keras import training
 
     config = training.read_config(args.run)
-    tiles = training.load_data(config).train.images
-    chosen = np.random.default_rng(args.seed).permutation(len(tiles))[:count]
-    images = tiles[np.sort(chosen)]
-    if config.data_format == "channels_first":
-        images = np.transpose(images, (0, 3, 1, 2))
-    return images
+    batches = data.training_dataset(
+        training.load_data(config), count, seed=args.seed, data_format=config.data_format,
+        patches_per_image=config.patches_per_image,
+        foreground_fraction=config.foreground_fraction)
+    return next(iter(batches))[0].numpy()
 
 
 def _train(args):
@@ -184,7 +182,10 @@ def _train(args):
         dataset=args.dataset, output=args.output, epochs=args.epochs,
         steps_per_epoch=args.steps_per_epoch, batch_size=args.batch_size,
         learning_rate=args.learning_rate, loss=args.loss, seed=args.seed,
-        depth=args.depth, features=args.features, tile=args.tile,
+        depth=args.depth, features=args.features, tile=args.tile, dims=args.dims,
+        patches_per_image=args.patches_per_image,
+        foreground_fraction=args.foreground_fraction, cache=args.cache,
+        val_fraction=args.val_fraction,
         data_format=args.data_format, n_label=args.n_label,
         backup_every=args.backup_every, dropout=args.dropout,
         batch_norm=args.batch_norm, upsampling=args.upsampling, gate=args.gate,
@@ -225,7 +226,9 @@ def _evaluate(args):
 
 
 def _print_scores(result):
-    print(f"Held-out scores on {result['dataset']} ({result['held_out_tiles']} tiles):")
+    count = result["held_out_images"]
+    print(f"Held-out scores on {result['dataset']} ({count} whole image"
+          f"{'' if count == 1 else 's'}):")
     print(f"  {'metric':<24}{'att_unet':>10}{'Otsu':>10}")
     otsu = result["otsu"] or {}
     for name, value in result["model"].items():
@@ -233,7 +236,7 @@ def _print_scores(result):
         print(f"  {name:<24}{value:>10.4f}{baseline}")
     if "hd95" in result["model"]:
         print("  (hd95: 95th percentile Hausdorff distance in pixels, mean over the "
-              "held-out tiles; lower is better)")
+              "held-out images; lower is better)")
     if result.get("otsu_note"):
         print(f"  ({result['otsu_note']})")
 
@@ -241,6 +244,7 @@ def _print_scores(result):
 def _input_names(args):
     """`(name, path)` of every input image, checked before any work; None for a run's
     held-out images (no IMAGE given)."""
+    from attunet_keras import data
     from attunet_keras import inference
     from attunet_keras import training
 
@@ -252,7 +256,7 @@ def _input_names(args):
         return None
     stems = {}
     for path in inference.image_files(args.input):
-        stem = os.path.splitext(os.path.basename(path))[0]
+        stem = data.files.split_name(os.path.basename(path))[0]
         if stem in stems:
             raise ValueError(
                 f"{stems[stem]} and {path} would write the same {stem}_* outputs; "
@@ -277,7 +281,7 @@ def _inputs(args, names):
 
 
 def _checked_model(args):
-    """The model of predict and attention: a 2D segmentation model."""
+    """The model of predict (on 2D images) and attention: a 2D segmentation model."""
     from attunet_keras import inference
 
     model = _load_or_build(args)
@@ -302,23 +306,11 @@ def _predict(args):
             f"--output {args.output} is the input folder; write the masks elsewhere so "
             "that they are never mistaken for (or written over) images."
         )
+    if names is not None and any(data.is_volume_file(path) for _, path in names):
+        return _predict_volumes(args, names)
     if names is not None:
-        planned = [os.path.join(args.output, f"{name}_{kind}.png")
-                   for name, _ in names for kind in ("mask", "overlay")]
-        existing = [path for path in planned if os.path.lexists(path)]
-        if existing and not args.overwrite:
-            raise FileExistsError(
-                f"{len(existing)} output(s) exist already, e.g. {existing[0]}; pass "
-                "--overwrite to replace them (nothing was written)."
-            )
-        inputs = {os.path.realpath(path) for _, path in names}
-        clashing = [path for path in planned if os.path.realpath(path) in inputs]
-        if clashing:
-            raise ValueError(f"{clashing[0]} is an input image; predict would write over "
-                             "it. Choose another --output.")
-        folders = [path for path in existing if os.path.isdir(path)]
-        if folders:
-            raise FileExistsError(f"{folders[0]} is a folder; predict only replaces files.")
+        _check_planned(args, names, [os.path.join(args.output, f"{name}_{kind}.png")
+                                     for name, _ in names for kind in ("mask", "overlay")])
     model = _checked_model(args)
     if args.patch is not None:
         inference.check_patch_size(model, args.patch, rank=2)
@@ -340,6 +332,47 @@ def _predict(args):
         inference.save_png(paths[0], inference.mask_png(labels, n_label))
         inference.save_png(paths[1], inference.overlay(shown, labels))
         print(f"Wrote {paths[0]} and {paths[1]} ({labels.shape[0]}x{labels.shape[1]})")
+    return 0
+
+
+def _check_planned(args, names, planned):
+    """Refuses outputs that exist (without --overwrite), are inputs, or are folders."""
+    existing = [path for path in planned if os.path.lexists(path)]
+    if existing and not args.overwrite:
+        raise FileExistsError(
+            f"{len(existing)} output(s) exist already, e.g. {existing[0]}; pass "
+            "--overwrite to replace them (nothing was written)."
+        )
+    inputs = {os.path.realpath(path) for _, path in names}
+    clashing = [path for path in planned if os.path.realpath(path) in inputs]
+    if clashing:
+        raise ValueError(f"{clashing[0]} is an input image; predict would write over "
+                         "it. Choose another --output.")
+    folders = [path for path in existing if os.path.isdir(path)]
+    if folders:
+        raise FileExistsError(f"{folders[0]} is a folder; predict only replaces files.")
+
+
+def _predict_volumes(args, names):
+    """predict on NIfTI volumes: DIR/NAME_mask.nii.gz with the input's affine and header."""
+    from attunet_keras import data
+    from attunet_keras import inference
+
+    images = [path for _, path in names if not data.is_volume_file(path)]
+    if images:
+        raise ValueError(f"{images[0]} is a 2D image among NIfTI volumes; predict images "
+                         "and volumes separately.")
+    planned = [os.path.join(args.output, f"{name}_mask.nii.gz") for name, _ in names]
+    _check_planned(args, names, planned)
+    model = _volume_model(args, names[0][1])
+    patch = args.patch or inference.own_size(model) or inference.DEFAULT_VOLUME_PATCH
+    patch = inference.check_patch_size(model, patch, rank=3)
+    os.makedirs(args.output, exist_ok=True)
+    for (name, path), output in zip(names, planned):
+        labels = inference.predict_nifti(model, path, output, patch, overlap=args.overlap,
+                                         tta=args.tta, threshold=args.threshold)
+        print(f"Wrote {output} ({'x'.join(map(str, labels.shape))} uint8 labels; the "
+              f"affine and header of {path}; patches {'x'.join(map(str, patch))})")
     return 0
 
 
@@ -367,6 +400,8 @@ def _attention(args):
     _check_output(args, (".png",))
     if args.input and os.path.isdir(args.input):
         raise ValueError(f"{args.input} is a folder; attention draws one IMAGE.")
+    if args.input and data.is_volume_file(args.input):
+        return _attention_volume(args)
     names = _input_names(args)
     model = _checked_model(args)
     name, image, normalized, source = next(iter(_inputs(args, names)))
@@ -378,6 +413,31 @@ def _attention(args):
                                title=f"Attention gates of {model.name} on {name}")
     print(f"Wrote {args.output}: {len(gate_maps)} gates "
           f"({', '.join(f'{g} {m.shape[0]}x{m.shape[1]}' for g, m in gate_maps.items())})")
+    return 0
+
+
+def _volume_model(args, volume_path):
+    """The model of predict and attention on volumes: a 3D segmentation model."""
+    from attunet_keras import inference
+
+    model = _load_or_build(args)
+    if not inference.is_volume_model(model):
+        raise ValueError(
+            f"{args.model or args.run}: a 2D model (input {tuple(model.inputs[0].shape)}); "
+            f"{volume_path} is a volume, which needs an att_unet_3d model.")
+    return model
+
+
+def _attention_volume(args):
+    """attention on a NIfTI volume: a figure of its middle slice and one NIfTI per gate."""
+    from attunet_keras import inference
+
+    if not os.path.isfile(args.input):
+        raise FileNotFoundError(f"{args.input}: no such file.")
+    model = _volume_model(args, args.input)
+    written = inference.attention_nifti(model, args.input, args.output)
+    print(f"Wrote {args.output} (the middle slice) and {len(written)} gate map(s): "
+          + ", ".join(written.values()))
     return 0
 
 
@@ -402,7 +462,9 @@ def _check_data(args):
 
     if not os.path.isdir(args.dataset):
         raise FileNotFoundError(f"{args.dataset} is not a folder.")
-    checked, problems = data.check_folder(args.dataset, args.n_label)
+    checked, problems, notes = data.check_folder(args.dataset, args.n_label)
+    for note in notes:
+        print(f"note: {note}")
     for problem in problems:
         print(problem)
     if problems:

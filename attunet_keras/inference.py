@@ -195,11 +195,14 @@ def convert_channels(image, channels, conversion=None, path="the image"):
     )
 
 
-def _with_free_sizes(model):
-    """`model` when its spatial sizes are free already, else `fully_convolutional(model)`."""
+def _with_free_sizes(model, patch=None):
+    """`model` when its spatial sizes are free already or equal `patch`, else
+    `fully_convolutional(model)`."""
     shape = tuple(model.inputs[0].shape)
     spatial = shape[2:] if model_data_format(model) == "channels_first" else shape[1:-1]
-    return model if all(size is None for size in spatial) else fully_convolutional(model)
+    if all(size is None for size in spatial) or tuple(spatial) == tuple(patch or ()):
+        return model
+    return fully_convolutional(model)
 
 
 def gate_layers(model):
@@ -225,39 +228,45 @@ def attention_model(model):
                        name=f"{model.name}_attention")
 
 
-def _check_image(model, image):
+def _check_image(model, image, rank=2):
     channels = model.inputs[0].shape[1 if model_data_format(model) == "channels_first" else -1]
     image = np.asarray(image)
-    if image.ndim == 2:
+    if image.ndim == rank:
         image = image[..., None]
-    if image.ndim != 3 or image.shape[-1] != channels:
+    if image.ndim != rank + 1 or image.shape[-1] != channels:
+        kind = ("volumes", "a volume") if rank == 3 else ("images", "an image")
         raise ValueError(
-            f"the model takes images with {channels} channel(s); received an image of "
+            f"the model takes {kind[0]} with {channels} channel(s); received {kind[1]} of "
             f"shape {image.shape}."
         )
     return image
 
 
 def _run(model, image, normalized):
-    """Pads, predicts with a fully convolutional copy, crops: outputs channels_last."""
-    image = _check_image(model, image)
+    """Pads, predicts with a fully convolutional copy, crops: outputs channels_last.
+
+    An image `(H, W[, C])` for 2D models, a volume `(D, H, W[, C])` for 3D models.
+    """
+    rank = 3 if is_volume_model(model) else 2
+    image = _check_image(model, image, rank)
     if not normalized:
-        image = data_lib.normalize(image)
-    height, width = image.shape[:2]
-    padded, _ = data_lib.pad_to_multiple(image.astype("float32"), size_multiple(model))
+        image = data_lib.normalize_channels(image, spatial_axes=tuple(range(rank)))
+    size = image.shape[:rank]
+    padded, _ = data_lib.pad_to_multiple(image.astype("float32"), size_multiple(model),
+                                         axes=rank)
     batch = padded[None]
     data_format = model_data_format(model)
     if data_format == "channels_first":
-        batch = np.transpose(batch, (0, 3, 1, 2))
+        batch = np.moveaxis(batch, -1, 1)
     outputs = _with_free_sizes(model).predict(batch, verbose=0)
     outputs = outputs if isinstance(outputs, (list, tuple)) else [outputs]
     results = []
     for output in outputs:
         output = np.asarray(output)[0]
         if data_format == "channels_first":
-            output = np.transpose(output, (1, 2, 0))
+            output = np.moveaxis(output, 0, -1)
         scale = padded.shape[0] // output.shape[0]
-        results.append(output[: -(-height // scale), : -(-width // scale)])
+        results.append(output[tuple(slice(0, -(-side // scale)) for side in size)])
     return results
 
 
@@ -331,7 +340,7 @@ def predict_sliding_window(model, image, patch_size, *, overlap=0.5, blend="gaus
     starts = [_window_starts(extent, side, overlap)
               for extent, side in zip(padded.shape[:rank], patch)]
     importance = _importance_map(patch, blend)
-    runner = _with_free_sizes(model)
+    runner = _with_free_sizes(model, patch)
     channels_first = model_data_format(model) == "channels_first"
     flips = [()]
     if tta:
@@ -432,10 +441,12 @@ def labels_from_probabilities(probabilities, threshold=0.5):
 
 
 def attention_maps(model, image, *, normalized=False):
-    """The prediction and every gate's coefficient map for one image.
+    """The prediction and every gate's coefficient map for one image (or, for a 3D
+    model, one volume).
 
     Returns:
-        `(probabilities, {gate name: map (h, w)})`, gate maps on their own grids.
+        `(probabilities, {gate name: map (h, w) or (d, h, w)})`, gate maps on their
+        own grids.
     """
     model = _with_free_sizes(model)
     outputs = _run(attention_model(model), image, normalized)
@@ -525,15 +536,97 @@ def attention_figure(path, image, probabilities, gate_maps, title=None):
 
 
 def image_files(path):
-    """`path` itself when it is a file, else the images in the folder, sorted."""
+    """`path` itself when it is a file, else the images (and NIfTI volumes) in the
+    folder, sorted."""
     if os.path.isfile(path):
         return [path]
     if not os.path.isdir(path):
         raise FileNotFoundError(f"{path}: no such file or folder.")
+    extensions = data_lib.IMAGE_EXTENSIONS + data_lib.VOLUME_EXTENSIONS
     files = [os.path.join(path, name) for name in sorted(os.listdir(path))
-             if os.path.splitext(name)[1].lower() in data_lib.IMAGE_EXTENSIONS]
+             if data_lib.files.split_name(name)[1] in extensions]
     if not files:
-        raise ValueError(
-            f"{path} holds no {', '.join(data_lib.IMAGE_EXTENSIONS)} images."
-        )
+        raise ValueError(f"{path} holds no {', '.join(extensions)} files.")
     return files
+
+
+def attention_nifti(model, path, output):
+    """The attention gates of a 3D model on a NIfTI volume, as NIfTI files and a figure.
+
+    Writes `output` (a PNG of the middle slice along the first axis: the volume, the
+    prediction and every gate's map) and, beside it, `STEM_{gate}.nii.gz` for each
+    gate: its coefficients on its own grid, with the input's affine scaled to that
+    grid (a gate voxel covers `f` input voxels per axis; its centre is kept).
+
+    Returns:
+        `{gate name: path of its NIfTI file}`.
+    """
+    import nibabel
+
+    array, affine, _ = data_lib.read_volume(path)
+    volume = data_lib.normalize_volume(array)
+    probabilities, gate_maps = attention_maps(model, volume, normalized=True)
+    stem = os.path.splitext(output)[0]
+    written = {}
+    for name, gate_map in gate_maps.items():
+        factor = np.array([-(-side // grid) for side, grid in
+                           zip(volume.shape[:3], gate_map.shape)], "float64")
+        to_input = np.diag(list(factor) + [1.0])
+        to_input[:3, 3] = (factor - 1.0) / 2.0
+        gate_path = f"{stem}_{name}.nii.gz"
+        nibabel.save(nibabel.Nifti1Image(gate_map.astype("float32"), affine @ to_input),
+                     gate_path)
+        written[name] = gate_path
+    middle = volume.shape[0] // 2
+    slices = {name: gate_map[min(middle * gate_map.shape[0] // volume.shape[0],
+                                 gate_map.shape[0] - 1)]
+              for name, gate_map in gate_maps.items()}
+    attention_figure(output, volume[middle], probabilities[middle], slices,
+                     title=f"Attention gates of {model.name}, slice {middle} of "
+                           f"{os.path.basename(path)}")
+    return written
+
+
+# The patch of `predict_nifti` for a model with free spatial sizes and no --patch.
+DEFAULT_VOLUME_PATCH = 64
+
+
+def own_size(model):
+    """The model's fixed spatial input size as a tuple, or None when any is free."""
+    shape = tuple(model.inputs[0].shape)
+    spatial = shape[2:] if model_data_format(model) == "channels_first" else shape[1:-1]
+    return None if any(side is None for side in spatial) else tuple(spatial)
+
+
+def predict_nifti(model, path, output, patch_size, *, overlap=0.5, tta=False,
+                  threshold=0.5, batch_size=2):
+    """Segments a NIfTI volume with `predict_sliding_window` and writes the labels.
+
+    `output` (`.nii` or `.nii.gz`) gets uint8 labels (0/1, or class indices) with the
+    input's affine and a copy of its header (data type set to uint8, no scaling); it
+    is written under a temporary name and renamed, so it is whole or absent.
+
+    Returns:
+        The labels, `(X, Y, Z)` uint8.
+    """
+    import nibabel
+
+    array, _, _ = data_lib.read_volume(path)
+    image = array[..., None] if array.ndim == 3 else array
+    if image.shape[-1] != input_channels(model):
+        raise ValueError(f"{path}: {image.shape[-1]} channel(s), but the model takes "
+                         f"{input_channels(model)}.")
+    probabilities = predict_sliding_window(model, image.astype("float32"), patch_size,
+                                           overlap=overlap, tta=tta, batch_size=batch_size)
+    labels = labels_from_probabilities(probabilities, threshold)
+    source = nibabel.load(path)
+    header = source.header.copy()
+    header.set_data_dtype(np.uint8)
+    written = type(source)(labels, source.affine, header)
+    written.header.set_slope_inter(1.0, 0.0)
+    folder, name = os.path.split(os.path.abspath(output))
+    stem, extension = data_lib.files.split_name(name)
+    temporary = os.path.join(folder, f".{stem}.{os.getpid()}.tmp{extension}")
+    nibabel.save(written, temporary)
+    os.replace(temporary, output)
+    return labels

@@ -16,7 +16,12 @@ cluster and that process's index, e.g. for two workers on one machine:
                 "task": {"type": "worker", "index": 0}}' attunet-keras train ...
     TF_CONFIG='{... "task": {"type": "worker", "index": 1}}' attunet-keras train ...
 
-`--batch-size` is per worker replica. Before it starts, a worker checks that it can
+`--batch-size` is per worker replica. Each worker reads a disjoint share of the
+training files, every worker-count-th file of the index (`Dataset.shard` on the file
+index inside `distribute_datasets_from_function`, before anything is decoded;
+tf.distribute's auto-shard policy does not apply there). With fewer training images
+than workers (the one-image `nuclei` set) every worker reads the same global batches
+and keeps its own slice. Before it starts, a worker checks that it can
 listen on its own port (and stops naming the port when it cannot); every worker then
 waits at most `cluster_timeout` seconds (`--cluster-timeout`) for the others to join,
 and stops with a message naming the cluster when they do not. TensorFlow's wait for
@@ -158,7 +163,7 @@ def train(config, *, overwrite=False, verbose="auto", cluster_timeout=CLUSTER_TI
     else:
         resuming = training.backup_progress(os.path.join(output, training.BACKUP_DIR)) \
             is not None
-    dataset = training.load_data(config)
+    config, dataset = training.run_dataset(config, output, resuming)
     cluster = json.loads(os.environ["TF_CONFIG"])["cluster"]
     with deadline(cluster_timeout,
                   f"worker {task_index} ({address}): the other workers of {cluster} did "
@@ -173,8 +178,9 @@ def train(config, *, overwrite=False, verbose="auto", cluster_timeout=CLUSTER_TI
         training.start_output(config, output, overwrite, resuming)
     with distribute.precision_policy(config.precision):
         try:
-            return _run(config, output, resuming, dataset, strategy, global_batch, steps,
-                        chief, task_index, verbose)
+            with training.stop_on_read_failure(os.path.join(output, training.BACKUP_DIR)):
+                return _run(config, output, resuming, dataset, strategy, global_batch,
+                            steps, chief, task_index, verbose)
         except tf.errors.OpError as error:
             lines = [line.strip() for line in str(error).splitlines() if line.strip()]
             detail = lines[-1][:300] if lines else ""
@@ -203,12 +209,20 @@ def _run(config, output, resuming, dataset, strategy, global_batch, steps, chief
     best = training.trim_log(log_path, resumed_epoch, monitor) if chief else None
 
     def dataset_fn(context):
+        # No auto-sharding applies to distribute_datasets_from_function: each worker's
+        # pipeline shards the file index itself, so it decodes only its own files.
         per_replica = context.get_per_replica_batch_size(global_batch)
+        options = dict(seed=config.seed, data_format=config.data_format, outputs=outputs,
+                       patches_per_image=config.patches_per_image,
+                       foreground_fraction=config.foreground_fraction)
+        if len(dataset.train) >= context.num_input_pipelines:
+            return data_lib.training_dataset(
+                dataset, per_replica,
+                shard=(context.num_input_pipelines, context.input_pipeline_id), **options)
+        # Fewer training images than workers (the one-image nuclei set): every worker
+        # reads the same global batches and keeps its own slice.
         start = context.input_pipeline_id * per_replica
-        batches = data_lib.make_dataset(
-            dataset.train, dataset.n_label, global_batch, training=True,
-            data_format=config.data_format, seed=config.seed, outputs=outputs)
-        # Every worker reads the same global batches and keeps its own slice.
+        batches = data_lib.training_dataset(dataset, global_batch, **options)
         return batches.map(lambda images, targets: tf.nest.map_structure(
             lambda tensor: tensor[start:start + per_replica], (images, targets)))
 
@@ -230,8 +244,7 @@ def _run(config, output, resuming, dataset, strategy, global_batch, steps, chief
         return strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica_loss, axis=None)
 
     say = print if chief and verbose != 0 else (lambda *args, **kwargs: None)
-    say(f"Dataset {dataset.name}: {len(dataset.train)} training tiles, "
-        f"{len(dataset.val)} held-out tiles of {dataset.tile_shape}")
+    training.describe_dataset(dataset, config, say)
     say(f"Strategy {distribute.describe(strategy)}; global batch {global_batch} "
         f"({config.batch_size} per replica); precision {config.precision}")
     if resuming:

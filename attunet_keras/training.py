@@ -47,6 +47,8 @@ DEEP_SUPERVISION_DECAY = 0.5
 FINE_TUNE_LEARNING_RATE_FACTOR = 0.1
 # Multi-Otsu's cost grows combinatorially with the classes (6 classes: 78 s on 2 cores).
 MAX_OTSU_CLASSES = 5
+# Overlap of the sliding windows that predict the whole held-out images in evaluation.
+EVALUATE_OVERLAP = 0.25
 _STATE = "state"
 _WEIGHTS = "latest.weights.h5"
 _PROGRESS = "progress.json"
@@ -149,18 +151,30 @@ class TrainConfig:
     """The settings of a training run (every `attunet-keras train` option).
 
     Args:
-        dataset: str. `"nuclei"`, `"brain"` or a folder with `images/` and `masks/`.
+        dataset: str. `"nuclei"`, `"brain"`, `"brain3d"` or a folder with `images/`
+            and `masks/` (2D images or NIfTI volumes).
         output: str. The run folder.
         epochs: int. Epochs to train.
-        steps_per_epoch: int or None. Batches per epoch; `None` means one pass over the
-            training tiles.
+        steps_per_epoch: int or None. Batches per epoch; `None`: the training images'
+            patches of an epoch (`patches_per_image` each) once.
         batch_size: int. Batch size.
         learning_rate: float. Adam's learning rate.
         loss: str. One of `attunet_keras.losses.LOSSES`.
         seed: int. Seed of weights, shuffling and augmentation.
         depth: int. `att_unet` depth.
         features: int. `att_unet` base features.
-        tile: int. Tile side for `nuclei` and folder datasets (the model's input size).
+        tile: int or None. Patch side for `nuclei` and folder datasets (the model's
+            input size); `None`: 128 for images, 64 for volumes.
+        dims: int or None. 2 (`att_unet`) or 3 (`att_unet_3d`, NIfTI volumes);
+            `None`: from the dataset's files.
+        patches_per_image: int or None. Random patches drawn from each training image
+            per epoch; `None`: as many as the image's area holds tiles.
+        foreground_fraction: float. Share of the patches centred on a labelled pixel.
+        cache: str or None. A folder for decoded, normalised pairs of a folder dataset.
+        val_fraction: float. Share of a folder dataset's files held out.
+        val_files: list of str or None. The held-out files of a folder dataset; drawn
+            with `seed` when the run starts and recorded, so a resumed run and
+            `evaluate` use the same files.
         data_format: str. Layout of the model and the batches.
         n_label: int or None. Classes of a folder dataset (1: binary).
         backup_every: int. Steps between backups (`ResumableBackup`).
@@ -187,7 +201,13 @@ class TrainConfig:
     seed: int = 0
     depth: int = 4
     features: int = 16
-    tile: int = 128
+    tile: int = None
+    dims: int = None
+    patches_per_image: int = None
+    foreground_fraction: float = data_lib.FOREGROUND_FRACTION
+    cache: str = None
+    val_fraction: float = 0.2
+    val_files: list = None
     data_format: str = "channels_last"
     n_label: int = None
     backup_every: int = 5
@@ -205,13 +225,20 @@ class TrainConfig:
 
     def validate(self):
         """Checks every setting; raises one ValueError naming the first bad one."""
-        for name in ("epochs", "batch_size", "depth", "features", "tile", "backup_every"):
+        for name in ("epochs", "batch_size", "depth", "features", "backup_every"):
             _validation.check_int(name, getattr(self, name), 1)
+        if self.tile is not None:
+            _validation.check_int("tile", self.tile, 1)
+        if self.dims not in (None, 2, 3):
+            raise ValueError(f"dims={self.dims!r} is not supported; expected 2, 3 or None "
+                             "(from the files).")
         _validation.check_int("seed", self.seed, 0)
         if self.steps_per_epoch is not None:
             _validation.check_int("steps_per_epoch", self.steps_per_epoch, 1)
         if self.n_label is not None:
             _validation.check_int("n_label", self.n_label, 1)
+        data_lib.pipeline.check_pipeline_arguments(
+            self.batch_size, self.patches_per_image, self.foreground_fraction)
         if not (isinstance(self.learning_rate, (int, float)) and self.learning_rate > 0
                 and math.isfinite(self.learning_rate)):
             raise ValueError(
@@ -223,9 +250,10 @@ class TrainConfig:
                 f"loss={self.loss!r} is not supported; expected one of "
                 f"{losses_lib.LOSSES}."
             )
-        if self.tile % 2**self.depth:
+        tile = self.tile or data_lib.DEFAULT_TILE[self.dims or 2]
+        if tile % 2**self.depth:
             raise ValueError(
-                f"tile={self.tile} must be divisible by 2**depth={2**self.depth}."
+                f"tile={tile} must be divisible by 2**depth={2**self.depth}."
             )
         from attunet_keras import distribute
         from attunet_keras import models
@@ -245,13 +273,16 @@ class TrainConfig:
             gate=self.gate, deep_supervision=self.deep_supervision, name="att_unet",
             backbone=self.backbone, backbone_weights=self.backbone_weights,
             freeze_backbone=False)
-        models.check_arguments(2, {"tile": self.tile}, options)
+        models.check_arguments(2, {"tile": tile}, options)
         _validation.check_int("freeze_epochs", self.freeze_epochs, 0)
         if self.backbone is not None:
             from attunet_keras import backbones
 
-            backbones.check_backbone_arguments({"tile": self.tile}, options)
-            if self.dataset == "brain":
+            backbones.check_backbone_arguments({"tile": tile}, options)
+            if self.dims == 3:
+                raise ValueError("backbones are 2D keras.applications encoders; volumes "
+                                 "(dims=3) train att_unet_3d without one.")
+            if self.dataset in ("brain", "brain3d"):
                 raise ValueError(
                     "the brain dataset's slices are 112x128, not multiples of 32, so they "
                     "cannot go through a backbone; use nuclei or a folder dataset."
@@ -281,6 +312,20 @@ class TrainConfig:
             raise ValueError(
                 f"n_label is fixed by the built-in dataset {self.dataset!r}; leave it out."
             )
+        if not (isinstance(self.val_fraction, (int, float)) and 0.0 < self.val_fraction < 1.0):
+            raise ValueError(f"val_fraction={self.val_fraction!r} is not allowed; expected "
+                             "a number between 0 and 1.")
+        builtin_dims = {"nuclei": 2, "brain": 2, "brain3d": 3}.get(self.dataset)
+        if builtin_dims and self.dims not in (None, builtin_dims):
+            raise ValueError(f"the built-in {self.dataset!r} is {builtin_dims}D; leave "
+                             "dims out.")
+        if self.dataset in data_lib.BUILTIN and self.val_fraction != 0.2:
+            raise ValueError(f"val_fraction is fixed by the built-in dataset "
+                             f"{self.dataset!r}; leave it out.")
+        if self.dataset in data_lib.BUILTIN and self.cache is not None:
+            raise ValueError(
+                f"cache is for folder datasets; the built-in {self.dataset!r} is decoded "
+                "once and held in memory already.")
 
     def to_json(self):
         values = dataclasses.asdict(self)
@@ -289,17 +334,22 @@ class TrainConfig:
             values["dataset"] = os.path.abspath(self.dataset)
         if self.backbone_weights not in (None, "imagenet"):
             values["backbone_weights"] = os.path.abspath(self.backbone_weights)
+        if self.cache is not None:
+            values["cache"] = os.path.abspath(self.cache)
         return values
 
 
 def load_data(config):
-    """The dataset of a run, split as in training."""
+    """The dataset of a run, split as in training (a folder's recorded held-out files)."""
     if config.dataset == "nuclei":
-        return data_lib.nuclei(tile=config.tile)
+        return data_lib.nuclei(tile=config.tile or data_lib.DEFAULT_TILE[2])
     if config.dataset == "brain":
         return data_lib.brain()
+    if config.dataset == "brain3d":
+        return data_lib.brain3d()
     return data_lib.folder(config.dataset, config.n_label, tile=config.tile,
-                           seed=config.seed)
+                           val_fraction=config.val_fraction, seed=config.seed,
+                           val_files=config.val_files, cache=config.cache, dims=config.dims)
 
 
 def build_model(config, dataset, jit_compile="auto", frozen=False):
@@ -310,16 +360,19 @@ def build_model(config, dataset, jit_compile="auto", frozen=False):
     """
     from attunet_keras import models
 
-    height, width = dataset.tile_shape
-    model = models.att_unet(
-        height, width, dataset.n_label, depth=config.depth, features=config.features,
-        data_format=config.data_format, in_channels=dataset.in_channels,
+    options = dict(
+        depth=config.depth, features=config.features, data_format=config.data_format,
+        in_channels=dataset.in_channels,
         output_activation="sigmoid" if dataset.n_label == 1 else "softmax",
         dropout=config.dropout, batch_norm=config.batch_norm,
         upsampling=config.upsampling, gate=config.gate,
-        deep_supervision=config.deep_supervision, backbone=config.backbone,
-        backbone_weights=config.backbone_weights, freeze_backbone=frozen,
-    )
+        deep_supervision=config.deep_supervision)
+    if dataset.dims == 3:
+        model = models.att_unet_3d(*dataset.tile_shape, dataset.n_label, **options)
+    else:
+        model = models.att_unet(
+            *dataset.tile_shape, dataset.n_label, backbone=config.backbone,
+            backbone_weights=config.backbone_weights, freeze_backbone=frozen, **options)
     compile_model(model, config, dataset, config.learning_rate, jit_compile)
     return model
 
@@ -385,7 +438,7 @@ def train(config, *, overwrite=False, verbose="auto"):
     output = os.path.abspath(config.output)
     # Every check first; the run folder is written only once they have all passed.
     resuming = check_output(config, output, overwrite)
-    dataset = load_data(config)
+    config, dataset = run_dataset(config, output, resuming)
     strategy = distribute.get_strategy(config.strategy)
     global_batch, steps = batching(config, strategy, dataset)
     jit_compile = distribute.resolve_jit_compile(config.jit_compile, strategy)
@@ -398,16 +451,28 @@ def train(config, *, overwrite=False, verbose="auto"):
                     jit_compile, verbose)
 
 
+def run_dataset(config, output, resuming):
+    """`(config, dataset)` of a run: a folder dataset's held-out files are those the
+    run recorded when it is resumed, else the seeded draw, which the returned config
+    records (`val_files`)."""
+    if resuming and config.val_files is None:
+        config = dataclasses.replace(config, val_files=read_config(output).val_files)
+    dataset = load_data(config)
+    if dataset.dims == 3 and config.backbone is not None:
+        raise ValueError(f"{config.dataset} holds volumes; backbones are 2D "
+                         "keras.applications encoders, so att_unet_3d trains without one.")
+    if config.dataset not in data_lib.BUILTIN:
+        config = dataclasses.replace(config, val_files=dataset.val_names)
+    return config, dataset
+
+
 def batching(config, strategy, dataset):
-    """`(global batch, steps per epoch)`: per-replica batch x replicas, one pass by default."""
+    """`(global batch, steps per epoch)`: per-replica batch x replicas; by default an
+    epoch draws each training image's patches once."""
     replicas = strategy.num_replicas_in_sync
     global_batch = config.batch_size * replicas
-    if global_batch > len(dataset.train):
-        raise ValueError(
-            f"the global batch ({config.batch_size} per replica x {replicas} replicas = "
-            f"{global_batch}) is larger than the {len(dataset.train)} training tiles."
-        )
-    return global_batch, config.steps_per_epoch or math.ceil(len(dataset.train) / global_batch)
+    patches = dataset.patches_per_epoch(config.patches_per_image)
+    return global_batch, config.steps_per_epoch or max(1, math.ceil(patches / global_batch))
 
 
 def _fit(config, output, resuming, dataset, strategy, global_batch, steps, jit_compile,
@@ -423,12 +488,12 @@ def _fit(config, output, resuming, dataset, strategy, global_batch, steps, jit_c
     with strategy.scope():
         model = build_model(config, dataset, jit_compile=jit_compile, frozen=frozen)
     outputs = len(model.outputs)
-    train_data = data_lib.make_dataset(
-        dataset.train, dataset.n_label, global_batch, training=True,
-        data_format=config.data_format, seed=config.seed, outputs=outputs)
-    val_data = data_lib.make_dataset(
-        dataset.val, dataset.n_label, global_batch, training=False,
-        data_format=config.data_format, outputs=outputs)
+    train_data = data_lib.training_dataset(
+        dataset, global_batch, seed=config.seed, data_format=config.data_format,
+        outputs=outputs, patches_per_image=config.patches_per_image,
+        foreground_fraction=config.foreground_fraction)
+    val_data = data_lib.validation_dataset(
+        dataset, global_batch, data_format=config.data_format, outputs=outputs)
     monitor = monitor_name(model)
 
     resumed_epoch = restore_backup(model, backup_dir) if resuming else 0
@@ -444,10 +509,8 @@ def _fit(config, output, resuming, dataset, strategy, global_batch, steps, jit_c
         # Last, so an epoch's log row and checkpoint exist before its backup does.
         ResumableBackup(backup_dir, save_freq=config.backup_every),
     ]
-    print(f"Dataset {dataset.name}: {len(dataset.train)} training tiles, "
-          f"{len(dataset.val)} held-out tiles of {dataset.tile_shape}, "
-          f"n_label={dataset.n_label} ({dataset.source})")
-    print(f"Model att_unet depth={config.depth} features={config.features}: "
+    describe_dataset(dataset, config)
+    print(f"Model {model.name} depth={config.depth} features={config.features}: "
           f"{model.count_params():,} parameters; {steps} steps per epoch")
     print(f"Strategy {distribute.describe(strategy)}; global batch {global_batch} "
           f"({config.batch_size} per replica); precision {config.precision}; "
@@ -463,11 +526,12 @@ def _fit(config, output, resuming, dataset, strategy, global_batch, steps, jit_c
             frozen = False
             print(f"Epoch {first + 1}: encoder unfrozen; learning rate "
                   f"{config.learning_rate * FINE_TUNE_LEARNING_RATE_FACTOR:g}")
-        history = model.fit(
-            train_data, epochs=last, initial_epoch=first,
-            steps_per_epoch=steps, validation_data=val_data, callbacks=callbacks,
-            verbose=verbose, shuffle=False,
-        )
+        with stop_on_read_failure(backup_dir):
+            history = model.fit(
+                train_data, epochs=last, initial_epoch=first,
+                steps_per_epoch=steps, validation_data=val_data, callbacks=callbacks,
+                verbose=verbose, shuffle=False,
+            )
         losses += history.history.get("loss", [])
         if losses and not np.isfinite(losses[-1]):
             break
@@ -482,6 +546,32 @@ def _fit(config, output, resuming, dataset, strategy, global_batch, steps, jit_c
     write_json(os.path.join(output, RESULT_FILE), result)
     shutil.rmtree(backup_dir, ignore_errors=True)
     return result
+
+
+def describe_dataset(dataset, config, say=print):
+    """Prints the dataset of a run: its split, patches and notes (padding, cache)."""
+    patches = dataset.patches_per_epoch(config.patches_per_image)
+    say(f"Dataset {dataset.name}: {len(dataset.train)} training and {len(dataset.val)} "
+        f"held-out images, {patches} random {'x'.join(map(str, dataset.tile_shape))} "
+        f"patches per epoch ({config.foreground_fraction:g} "
+        f"centred on foreground), n_label={dataset.n_label} ({dataset.source})")
+    for note in dataset.notes:
+        say(f"  {note}")
+
+
+@contextlib.contextmanager
+def stop_on_read_failure(backup_dir):
+    """Turns a file that fails to read mid-epoch into one error naming it."""
+    try:
+        yield
+    except Exception as error:
+        failure = data_lib.read_failure(error)
+        if failure is None:
+            raise
+        raise ValueError(
+            f"training stopped: {failure} Fix or remove the file (attunet-keras "
+            f"check-data lists every problem) and run the same command again: it goes on "
+            f"from the last backup in {backup_dir}.") from None
 
 
 def _stages(config, first_epoch):
@@ -545,6 +635,9 @@ def check_output(config, output, overwrite):
         )
     previous = _read_json(config_path)
     current = config.to_json()
+    # The held-out files are recorded when a run starts, not given again to resume it.
+    if current.get("val_files") is None:
+        current.pop("val_files")
     differences = [
         f"{key}: {previous.get(key)!r} -> {current[key]!r}"
         for key in current if previous.get(key) != current[key]
@@ -643,8 +736,10 @@ def load_run_model(run_dir):
 
 def check_model_fits(model, dataset, what="the model"):
     """Refuses a model of another task: other channels in or out, or volumes."""
-    if inference.is_volume_model(model):
-        raise ValueError(f"{what} is a 3D model; the run's dataset {dataset.name!r} is 2D.")
+    if inference.is_volume_model(model) != (dataset.dims == 3):
+        kinds = ("3D", "2D") if dataset.dims == 2 else ("2D", "3D")
+        raise ValueError(f"{what} is a {kinds[0]} model; the run's dataset "
+                         f"{dataset.name!r} is {kinds[1]}.")
     outputs, inputs = inference.output_channels(model), inference.input_channels(model)
     if outputs != dataset.n_label:
         task = "binary (1 channel)" if dataset.n_label == 1 else f"{dataset.n_label} classes"
@@ -659,12 +754,13 @@ def check_model_fits(model, dataset, what="the model"):
         )
 
 
-def evaluate_run(run_dir, *, dataset=None, model=None):
-    """Held-out Dice and IoU of a run's best model, next to an Otsu baseline.
+def evaluate_run(run_dir, *, dataset=None, model=None, overlap=EVALUATE_OVERLAP):
+    """Held-out scores of a run's best model on whole images, next to an Otsu baseline.
 
-    The baseline thresholds the held-out tiles' intensities (their channel mean) with
-    Otsu's method (scikit-image): one threshold for binary masks, `n_label - 1`
-    thresholds (multi-Otsu) for classes, the classes ordered by intensity.
+    The baseline thresholds the held-out images' intensities (their channel mean)
+    with Otsu's method (scikit-image) on their pooled histogram: one threshold for
+    binary masks, `n_label - 1` thresholds (multi-Otsu) for classes, the classes
+    ordered by intensity.
     """
     config = read_config(run_dir)
     dataset = dataset or load_data(config)
@@ -672,34 +768,32 @@ def evaluate_run(run_dir, *, dataset=None, model=None):
         model = load_run_model(run_dir)
     else:
         check_model_fits(model, dataset)
-    return evaluate_model(model, dataset, config)
+    return evaluate_model(model, dataset, config, overlap=overlap)
 
 
-def evaluate_model(model, dataset, config):
-    """Held-out Dice and IoU of `model` on `dataset`, next to the Otsu baseline.
+def evaluate_model(model, dataset, config, overlap=EVALUATE_OVERLAP):
+    """Held-out Dice, IoU and HD95 of `model` on the whole held-out images.
 
-    The batches follow the model's own layout, so a model of another layout than the
-    run's is evaluated correctly.
+    Each image is predicted with `inference.predict_sliding_window` (patches of the
+    dataset's tile, `overlap`, Gaussian blending), so the scores count every pixel
+    once, whatever the image's size and the model's layout.
     """
-    data_format = inference.model_data_format(model)
-    val_data = data_lib.make_dataset(
-        dataset.val, dataset.n_label, config.batch_size, training=False,
-        data_format=data_format)
     metrics = metrics_lib.segmentation_metrics(
-        dataset.n_label, dataset.class_names, data_format)
-    labels = []
-    for images, targets in val_data:
-        predictions = main_output(model(images, training=False))
+        dataset.n_label, dataset.class_names, "channels_last")
+    distances = _HD95(dataset.n_label, dataset.class_names)
+    for index in dataset.val:
+        image, mask = dataset.read(index)
+        probabilities = inference.predict_sliding_window(
+            model, image, dataset.tile_shape, overlap=overlap,
+            batch_size=config.batch_size, normalized=True)
+        truth = data_lib.targets(mask, dataset.n_label)[None]
         for metric in metrics:
-            metric.update_state(targets, predictions)
-        predictions = keras.ops.convert_to_numpy(predictions)
-        if data_format == "channels_first":
-            predictions = np.moveaxis(predictions, 1, -1)
-        labels.extend(inference.labels_from_probabilities(p) for p in predictions)
+            metric.update_state(truth, probabilities[None])
+        distances.add(inference.labels_from_probabilities(probabilities), mask,
+                      dataset.items[index].spacing)
     scores = {metric.name: float(metric.result()) for metric in metrics}
-    scores.update(hd95_scores(np.stack(labels), dataset.val.masks, dataset.n_label,
-                              dataset.class_names))
-    result = {"dataset": dataset.name, "held_out_tiles": len(dataset.val),
+    scores.update(distances.result())
+    result = {"dataset": dataset.name, "held_out_images": len(dataset.val),
               "model": scores, "otsu": None}
     if dataset.n_label > MAX_OTSU_CLASSES:
         result["otsu_note"] = (
@@ -707,48 +801,76 @@ def evaluate_model(model, dataset, config):
             "where its search takes minutes to hours")
     else:
         try:
-            result["otsu"] = otsu_scores(dataset.val, dataset.n_label, dataset.class_names)
+            result["otsu"] = otsu_scores(dataset)
         except ValueError as error:  # e.g. constant intensities: nothing to threshold
             result["otsu_note"] = f"no Otsu baseline: {error}"
     return result
 
 
-def otsu_scores(split, n_label, class_names):
-    """Dice and IoU of an Otsu threshold of the tiles' intensities, as the metrics."""
+OTSU_BINS = 256
+
+
+def otsu_scores(dataset):
+    """Dice, IoU and HD95 of Otsu thresholds of the held-out images' intensities.
+
+    The thresholds come from the histogram of every held-out pixel (images are
+    normalised to [0, 1]), read one image at a time.
+    """
     from skimage import filters
 
-    intensity = split.images.mean(axis=-1)
-    if n_label == 1:
-        predicted = (intensity > filters.threshold_otsu(intensity)).astype("int64")
+    edges = np.linspace(0.0, 1.0, OTSU_BINS + 1)
+    counts = np.zeros(OTSU_BINS, "int64")
+    for _, image, _ in dataset.examples:
+        counts += np.histogram(image.mean(axis=-1), bins=edges)[0]
+    histogram = (counts, (edges[:-1] + edges[1:]) / 2)
+    if dataset.n_label == 1:
+        thresholds = [filters.threshold_otsu(hist=histogram)]
     else:
-        thresholds = filters.threshold_multiotsu(intensity, classes=n_label)
-        predicted = np.digitize(intensity, thresholds)
-    scores = {}
-    for metric in metrics_lib.segmentation_metrics(n_label, class_names, "channels_last"):
-        metric.update_state(data_lib.targets(split.masks, n_label),
-                            data_lib.targets(predicted, n_label))
-        scores[metric.name] = float(metric.result())
-    scores.update(hd95_scores(predicted, split.masks, n_label, class_names))
+        thresholds = filters.threshold_multiotsu(classes=dataset.n_label, hist=histogram)
+    metrics = metrics_lib.segmentation_metrics(
+        dataset.n_label, dataset.class_names, "channels_last")
+    distances = _HD95(dataset.n_label, dataset.class_names)
+    for index in dataset.val:
+        image, mask = dataset.read(index)
+        predicted = np.digitize(image.mean(axis=-1), thresholds)
+        for metric in metrics:
+            metric.update_state(data_lib.targets(mask, dataset.n_label)[None],
+                                data_lib.targets(predicted, dataset.n_label)[None])
+        distances.add(predicted, mask, dataset.items[index].spacing)
+    scores = {metric.name: float(metric.result()) for metric in metrics}
+    scores.update(distances.result())
     return scores
 
 
-def hd95_scores(predicted, truth, n_label, class_names):
-    """Held-out HD95 in pixels: per tile and foreground class, then the mean over tiles.
+class _HD95:
+    """Held-out HD95 in pixels (in the voxel spacing's units for volumes with one):
+    per image and foreground class, then the mean.
 
-    As MONAI's `reduction="mean"`: a tile where prediction and truth are both empty
+    As MONAI's `reduction="mean"`: an image where prediction and truth are both empty
     (NaN) is left out of the mean; one empty and the other not makes it infinite.
     `hd95` is the foreground's (binary) or the mean over the classes 1.., with
     `hd95_{class}` per class.
     """
-    classes = [1] if n_label == 1 else list(range(1, n_label))
-    per_class = {}
-    for label in classes:
-        values = np.array([metrics_lib.hausdorff95(p == label, t == label)
-                           for p, t in zip(predicted, truth)])
-        finite_or_inf = values[~np.isnan(values)]
-        per_class[label] = float(finite_or_inf.mean()) if finite_or_inf.size else math.nan
-    if n_label == 1:
-        return {"hd95": per_class[1]}
-    scores = {"hd95": float(np.mean(list(per_class.values())))}
-    scores.update({f"hd95_{class_names[label]}": value for label, value in per_class.items()})
-    return scores
+
+    def __init__(self, n_label, class_names):
+        self.n_label, self.class_names = n_label, class_names
+        self.classes = [1] if n_label == 1 else list(range(1, n_label))
+        self.values = {label: [] for label in self.classes}
+
+    def add(self, predicted, truth, spacing=None):
+        for label in self.classes:
+            self.values[label].append(
+                metrics_lib.hausdorff95(predicted == label, truth == label, spacing))
+
+    def result(self):
+        per_class = {}
+        for label, values in self.values.items():
+            values = np.asarray(values, "float64")
+            kept = values[~np.isnan(values)]
+            per_class[label] = float(kept.mean()) if kept.size else math.nan
+        if self.n_label == 1:
+            return {"hd95": per_class[1]}
+        scores = {"hd95": float(np.mean(list(per_class.values())))}
+        scores.update({f"hd95_{self.class_names[label]}": value
+                       for label, value in per_class.items()})
+        return scores

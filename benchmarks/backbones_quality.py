@@ -54,8 +54,7 @@ def main():
         keras.utils.set_random_seed(config.seed)
         model = training.build_model(config, dataset)
         budget = Budget(args.seconds)
-        model.fit(data.make_dataset(dataset.train, dataset.n_label, config.batch_size,
-                                    training=True, seed=config.seed),
+        model.fit(data.training_dataset(dataset, config.batch_size, seed=config.seed),
                   epochs=10_000, steps_per_epoch=20, callbacks=[budget], verbose=0)
         result = training.evaluate_model(model, dataset, config)
         rows.append({"model": backbone or "att_unet", "parameters": model.count_params(),

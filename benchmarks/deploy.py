@@ -55,6 +55,7 @@ def main(argv=None):
     import onnxruntime
     import tensorflow as tf
 
+    from attunet_keras import data
     from attunet_keras import export
     from attunet_keras import training
 
@@ -65,11 +66,12 @@ def main(argv=None):
     if dataset.n_label != 1:
         raise SystemExit("deploy.py scores binary runs (e.g. nuclei).")
     model = training.load_run_model(args.run)
-    held_out = dataset.val.images.astype("float32")
-    masks = dataset.val.masks
+    tiles = [(images.numpy(), targets.numpy()) for images, targets in
+             data.validation_dataset(dataset, 8)]
+    held_out = np.concatenate([images for images, _ in tiles])
+    masks = (np.concatenate([targets for _, targets in tiles])[..., 0] > 0.5).astype("uint8")
     timed = np.concatenate([held_out] * (-(-args.images // len(held_out))))[:args.images]
-    tiles = dataset.train.images
-    representative = tiles[np.sort(np.random.default_rng(0).permutation(len(tiles))[:64])]
+    representative = next(iter(data.training_dataset(dataset, 64, seed=0)))[0].numpy()
 
     folder = tempfile.mkdtemp(prefix="attunet_deploy_")
     paths = {"savedmodel": os.path.join(folder, "savedmodel"),

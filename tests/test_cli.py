@@ -1,11 +1,15 @@
 """The attunet-keras command line."""
 
+import json
 import os
+import re
 import shutil
 import subprocess
 import sys
 
+import numpy as np
 import pytest
+from PIL import Image
 
 from attunet_keras import cli
 
@@ -137,22 +141,17 @@ def tiny_run(tmp_path_factory):
 def test_train_prints_held_out_scores_next_to_otsu(tiny_run, capsys):
     assert cli.main(["evaluate", str(tiny_run)]) == 0
     text = capsys.readouterr().out
-    assert "Held-out scores on nuclei (16 tiles)" in text
+    assert "Held-out scores on nuclei (1 whole image)" in text
     assert "att_unet" in text and "Otsu" in text and "dice" in text
 
 
 def test_evaluate_json(tiny_run, capsys):
-    import json
-
     assert cli.main(["evaluate", str(tiny_run), "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert set(result["model"]) == set(result["otsu"]) == {"dice", "iou", "hd95"}
 
 
 def test_predict_writes_mask_and_overlay_for_held_out_images(tiny_run, tmp_path):
-    import numpy as np
-    from PIL import Image
-
     output = tmp_path / "predictions"
     assert cli.main(["predict", "--run", str(tiny_run), "--output", str(output)]) == 0
     with Image.open(output / "nuclei_held_out_mask.png") as mask:
@@ -163,9 +162,6 @@ def test_predict_writes_mask_and_overlay_for_held_out_images(tiny_run, tmp_path)
 
 
 def test_predict_on_a_folder_of_images(tiny_run, tmp_path):
-    import numpy as np
-    from PIL import Image
-
     folder = tmp_path / "images"
     folder.mkdir()
     for name, size in (("a.png", (40, 60)), ("b.png", (64, 64))):
@@ -182,9 +178,6 @@ def test_predict_on_a_folder_of_images(tiny_run, tmp_path):
 
 
 def test_predict_by_sliding_windows_above_the_patch_size(tiny_run, tmp_path, capsys):
-    import numpy as np
-    from PIL import Image
-
     from attunet_keras import data
     from attunet_keras import inference
 
@@ -355,9 +348,6 @@ def test_an_unwritable_output_is_one_line(tmp_path, capsys):
 
 
 def _images(folder, names, size=(40, 40), channels=None):
-    import numpy as np
-    from PIL import Image
-
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
     for name in names:
@@ -417,7 +407,6 @@ def test_predict_refuses_a_3d_model_before_writing(tmp_path, capsys):
 
 
 def test_predict_names_a_nan_image(tiny_run, tmp_path, capsys):
-    import numpy as np
     import tifffile
 
     folder = tmp_path / "in"
@@ -468,9 +457,6 @@ def test_a_corrupt_model_file_is_named_not_missing(tmp_path, capsys):
 def test_train_overwrite_never_deletes_the_dataset(tmp_path, capsys):
     folder = _images(tmp_path / "set" / "images", ["a.png", "b.png"], size=(64, 64))
     _images(tmp_path / "set" / "masks", [])
-    import numpy as np
-    from PIL import Image
-
     for name in ("a.png", "b.png"):
         Image.fromarray(np.zeros((64, 64), "uint8")).save(tmp_path / "set" / "masks" / name)
     with pytest.raises(SystemExit):
@@ -478,3 +464,43 @@ def test_train_overwrite_never_deletes_the_dataset(tmp_path, capsys):
                   "--output", str(tmp_path / "set"), "--overwrite", *TINY_TRAIN])
     assert "holds the dataset" in capsys.readouterr().err
     assert sorted(os.listdir(folder)) == ["a.png", "b.png"]
+
+
+def test_train_on_a_folder_with_a_cache_and_foreground_patches(tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    for sub in ("images", "masks"):
+        (tmp_path / "set" / sub).mkdir(parents=True)
+    for index in range(5):
+        image = (rng.random((80, 96)) * 255).astype("uint8")
+        Image.fromarray(image).save(tmp_path / "set" / "images" / f"s{index}.png")
+        Image.fromarray(((image > 200) * 255).astype("uint8")).save(
+            tmp_path / "set" / "masks" / f"s{index}.png")
+    command = ["train", "--dataset", str(tmp_path / "set"), "--n-label", "1",
+               "--output", str(tmp_path / "run"), "--cache", str(tmp_path / "cache"),
+               "--foreground-fraction", "0.5", "--patches-per-image", "3",
+               "--val-fraction", "0.4", *TINY_TRAIN]
+    assert cli.main(command) == 0
+    out = capsys.readouterr().out
+    assert "Dataset set: 3 training and 2 held-out images, 9 random 64x64 patches per " \
+           "epoch (0.5 centred on foreground)" in out
+    assert f"cache {tmp_path / 'cache'}: 0 of 5 pairs cached" in out
+    assert len(os.listdir(tmp_path / "cache")) == 5  # training and held-out pairs
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["cache"] == str(tmp_path / "cache") and len(config["val_files"]) == 2
+    assert config["foreground_fraction"] == 0.5 and config["patches_per_image"] == 3
+
+    assert cli.main(command + ["--overwrite"]) == 0
+    assert f"cache {tmp_path / 'cache'}: 5 of 5 pairs cached" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("flag, value, match", [
+    ("--foreground-fraction", "1.5", r"expected a number from 0 to 1, received '1.5'"),
+    ("--patches-per-image", "0", r"expected an integer >= 1, received '0'"),
+])
+def test_bad_pipeline_flags_are_refused(flag, value, match, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["train", "--dataset", "nuclei", "--output", str(tmp_path / "run"),
+                  flag, value])
+    assert exit_info.value.code == 2
+    assert re.search(match, capsys.readouterr().err)
+    assert not (tmp_path / "run").exists()

@@ -12,9 +12,10 @@ import time
 import numpy as np
 import pytest
 
+from attunet_keras import data
 from attunet_keras import training
 
-SETTINGS = ["--dataset", "nuclei", "--depth", "2", "--features", "4", "--tile", "64",
+SETTINGS = ["--depth", "2", "--features", "4", "--tile", "64",
             "--dropout", "0", "--loss", "bce", "--learning-rate", "0.01", "--seed", "0"]
 
 
@@ -64,7 +65,7 @@ def _weights(config, path):
 
 
 def test_two_workers_end_with_the_weights_of_one_process(tmp_path):
-    extra = ["--epochs", "2", "--steps-per-epoch", "3"]
+    extra = ["--dataset", "nuclei", "--epochs", "2", "--steps-per-epoch", "3"]
     processes = _start_workers(tmp_path / "multi", extra, _free_ports(2))
     outputs = _finish(processes)
     assert [p.returncode for p in processes] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
@@ -93,9 +94,47 @@ def test_two_workers_end_with_the_weights_of_one_process(tmp_path):
     assert (tmp_path / "multi" / "result.json").is_file()
 
 
+def test_each_worker_reads_its_own_share_of_the_training_files(tmp_path):
+    """A folder of 10 pairs (2 held out): the two workers' reads, logged by the
+    pipeline, are disjoint and together every training file."""
+    from PIL import Image
+
+    dataset = tmp_path / "set"
+    rng = np.random.default_rng(0)
+    for sub in ("images", "masks"):
+        (dataset / sub).mkdir(parents=True)
+    for index in range(10):
+        image = (rng.random((64, 64)) * 255).astype("uint8")
+        Image.fromarray(image).save(dataset / "images" / f"img{index}.png")
+        Image.fromarray((image > 128).astype("uint8")).save(
+            dataset / "masks" / f"img{index}.png")
+    log = tmp_path / "reads.log"
+    settings = ["--dataset", str(dataset), "--n-label", "1", "--epochs", "1"]
+    os.environ[data.pipeline.READ_LOG_ENV] = str(log)
+    try:
+        processes = _start_workers(tmp_path / "run", settings, _free_ports(2))
+    finally:
+        del os.environ[data.pipeline.READ_LOG_ENV]
+    outputs = _finish(processes)
+    assert [p.returncode for p in processes] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
+
+    config = training.read_config(str(tmp_path / "run"))
+    training_files = set(os.listdir(dataset / "images")) - set(config.val_files)
+    assert len(config.val_files) == 2 and len(training_files) == 8
+    read = {}
+    for line in log.read_text().splitlines():
+        pid, name = line.split("\t")
+        read.setdefault(pid, set()).add(name)
+    assert len(read) == 2  # two worker processes
+    first, second = read.values()
+    assert not first & second
+    assert first | second == training_files
+
+
 def test_a_killed_worker_stops_the_other_and_both_resume(tmp_path):
     output = tmp_path / "run"
-    extra = ["--epochs", "3", "--steps-per-epoch", "12", "--backup-every", "1"]
+    extra = ["--dataset", "nuclei", "--epochs", "3", "--steps-per-epoch", "12",
+             "--backup-every", "1"]
     chief, worker = _start_workers(output, extra, _free_ports(2))
     deadline = time.time() + 240
     try:
@@ -143,7 +182,8 @@ def test_a_taken_port_is_named_and_the_peer_gives_up_in_time(tmp_path):
     taken.listen()
     try:
         started = time.time()
-        processes = _start_workers(tmp_path / "run", ["--cluster-timeout", "20"], ports)
+        processes = _start_workers(tmp_path / "run", ["--dataset", "nuclei",
+                                                      "--cluster-timeout", "20"], ports)
         outputs = _finish(processes, timeout=150)
         elapsed = time.time() - started
     finally:

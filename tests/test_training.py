@@ -27,12 +27,9 @@ def _loss_before_and_after(config, dataset, steps):
     """Loss on a fixed training batch before and after `steps` steps of fit."""
     keras.utils.set_random_seed(config.seed)
     model = training.build_model(config, dataset)
-    fixed = data.Split(dataset.train.images[:8], dataset.train.masks[:8])
-    images, targets = next(iter(data.make_dataset(fixed, dataset.n_label, 8,
-                                                  training=False)))
+    images, targets = next(iter(data.training_dataset(dataset, 8, seed=99)))
     before = float(model.evaluate(images, targets, verbose=0, return_dict=True)["loss"])
-    model.fit(data.make_dataset(dataset.train, dataset.n_label, config.batch_size,
-                                training=True, seed=config.seed),
+    model.fit(data.training_dataset(dataset, config.batch_size, seed=config.seed),
               steps_per_epoch=steps, epochs=1, verbose=0, shuffle=False)
     after = float(model.evaluate(images, targets, verbose=0, return_dict=True)["loss"])
     return before, after
@@ -62,7 +59,7 @@ def test_train_writes_a_complete_run_folder(tmp_path):
     with open(run / "log.csv") as file:
         rows = list(csv.DictReader(file))
     assert [row["epoch"] for row in rows] == ["0", "1"]
-    assert result["dataset"] == "nuclei" and result["held_out_tiles"] == 16
+    assert result["dataset"] == "nuclei" and result["held_out_images"] == 1
     assert 0.0 <= result["model"]["dice"] <= 1.0
     assert 0.8 < result["otsu"]["dice"] < 0.95  # Otsu on this image: about 0.85
     assert json.loads((run / "result.json").read_text()) == result
@@ -121,7 +118,7 @@ def test_backup_restores_weights_optimizer_state_and_epoch(tmp_path):
     dataset = data.nuclei(tile=64)
     keras.utils.set_random_seed(0)
     model = training.build_model(config, dataset)
-    model.fit(data.make_dataset(dataset.train, 1, 4, training=True), epochs=2,
+    model.fit(data.training_dataset(dataset, 4), epochs=2,
               steps_per_epoch=3, verbose=0, shuffle=False,
               callbacks=[training.ResumableBackup(str(tmp_path / "backup"), save_freq=2)])
 
@@ -199,12 +196,23 @@ def test_the_run_folder_may_never_hold_the_dataset(tmp_path, where):
 
 
 def test_a_failed_start_writes_nothing(tmp_path):
-    # The check that fails (batch larger than the training tiles) needs the data loaded.
-    config = _tiny_config(tmp_path, batch_size=10_000)
-    with pytest.raises(ValueError, match=r"larger than the .* training tiles"):
+    """The check that fails (a mask of another size, from the files' headers) needs
+    the dataset indexed; the run folder is written only after it passed."""
+    from PIL import Image
+
+    dataset = tmp_path / "set"
+    for sub in ("images", "masks"):
+        (dataset / sub).mkdir(parents=True)
+        for name in ("a", "b"):
+            Image.fromarray(np.zeros((64, 64), "uint8")).save(dataset / sub / f"{name}.png")
+    Image.fromarray(np.zeros((32, 64), "uint8")).save(dataset / "masks" / "b.png")
+    config = _tiny_config(tmp_path, dataset=str(dataset), n_label=1, epochs=1,
+                          steps_per_epoch=1)
+    with pytest.raises(ValueError, match=r"b.png is 64x64 but .*b.png is 32x64"):
         training.train(config, verbose=0)
     assert not (tmp_path / "run").exists()
-    training.train(_tiny_config(tmp_path, epochs=1, steps_per_epoch=1), verbose=0)
+    Image.fromarray(np.zeros((64, 64), "uint8")).save(dataset / "masks" / "b.png")
+    training.train(config, verbose=0)
     assert (tmp_path / "run" / "result.json").is_file()
 
 
@@ -237,10 +245,10 @@ def test_many_classes_skip_the_multi_otsu_baseline(tmp_path):
 
     n_label = 7
     rng = np.random.default_rng(0)
-    split = data.Split(rng.random((2, 32, 32, 1)).astype("float32"),
-                       rng.integers(0, n_label, (2, 32, 32)).astype("uint8"))
-    dataset = data.SegmentationData("seven", split, split, n_label,
-                                    tuple(f"c{i}" for i in range(n_label)), "test")
+    images = rng.random((2, 32, 32, 1)).astype("float32")
+    masks = rng.integers(0, n_label, (2, 32, 32)).astype("uint8")
+    dataset = data.from_arrays("seven", images, masks, images, masks, n_label,
+                               tuple(f"c{i}" for i in range(n_label)))
     model = models.att_unet(32, 32, n_label, depth=2, features=4, in_channels=1,
                             data_format="channels_last", output_activation="softmax")
     result = training.evaluate_model(model, dataset, _tiny_config(tmp_path))
@@ -252,7 +260,7 @@ def test_many_classes_skip_the_multi_otsu_baseline(tmp_path):
 def test_a_model_of_another_task_is_refused(tmp_path):
     from attunet_keras import models
 
-    dataset = data.nuclei(tile=64, stride=64)
+    dataset = data.nuclei(tile=64)
     three_classes = models.att_unet(64, 64, 3, depth=2, features=4, in_channels=1,
                                     output_activation="softmax")
     with pytest.raises(ValueError, match=r"gives 3 output channel\(s\) but the run's dataset "
@@ -281,7 +289,7 @@ def test_training_does_not_import_the_multiworker_loop():
 def test_evaluation_reports_hd95_per_class_in_pixels(tmp_path):
     """A model that returns its input, given the one-hot masks as images: a perfect
     prediction (HD95 0); then the same masks shifted 3 pixels (HD95 3, the squares
-    of tests/test_metrics.py); a tile with an empty class counts as MONAI's mean does."""
+    of tests/test_metrics.py); an image with an empty class counts as MONAI's mean does."""
     masks = np.zeros((3, 32, 32), "uint8")
     masks[:, 4:14, 4:14] = 1
     masks[:2, 18:28, 18:28] = 2  # class 2 is empty in the third tile
@@ -291,21 +299,18 @@ def test_evaluation_reports_hd95_per_class_in_pixels(tmp_path):
     identity = keras.layers.Conv2D(3, 1, use_bias=False)
     model = keras.Model(inputs, identity(inputs))
     identity.set_weights([np.eye(3, dtype="float32")[None, None]])
-    dataset = data.SegmentationData("squares", data.Split(one_hot, masks),
-                                    data.Split(one_hot, masks), 3, ("bg", "a", "b"), "test")
+    dataset = data.from_arrays("squares", one_hot, masks, one_hot, masks, 3, ("bg", "a", "b"))
     scores = training.evaluate_model(model, dataset, _tiny_config(tmp_path))["model"]
     assert scores["dice"] == 1.0
-    assert scores["hd95_a"] == scores["hd95_b"] == scores["hd95"] == 0.0  # NaN tile left out
+    assert scores["hd95_a"] == scores["hd95_b"] == scores["hd95"] == 0.0  # NaN image left out
 
     shifted = np.roll(one_hot, 3, axis=2)
-    dataset = data.SegmentationData("squares", data.Split(one_hot, masks),
-                                    data.Split(shifted, masks), 3, ("bg", "a", "b"), "test")
+    dataset = data.from_arrays("squares", one_hot, masks, shifted, masks, 3, ("bg", "a", "b"))
     scores = training.evaluate_model(model, dataset, _tiny_config(tmp_path))["model"]
     assert scores["hd95_a"] == pytest.approx(3.0) and scores["hd95_b"] == pytest.approx(3.0)
     assert scores["hd95"] == pytest.approx(3.0)
-    masks[2, 18:28, 18:28] = 2  # now the third tile's prediction of class b is empty
-    dataset = data.SegmentationData("squares", data.Split(one_hot, masks),
-                                    data.Split(shifted, masks), 3, ("bg", "a", "b"), "test")
+    masks[2, 18:28, 18:28] = 2  # now the third image's prediction of class b is empty
+    dataset = data.from_arrays("squares", one_hot, masks, shifted, masks, 3, ("bg", "a", "b"))
     scores = training.evaluate_model(model, dataset, _tiny_config(tmp_path))["model"]
     assert scores["hd95_b"] == np.inf and scores["hd95_a"] == pytest.approx(3.0)
 
@@ -315,11 +320,57 @@ def test_constant_held_out_images_get_no_otsu_baseline_instead_of_an_error(tmp_p
 
     masks = np.zeros((2, 32, 32), "uint8")
     masks[:, 8:16, 8:16] = 1
-    split = data.Split(np.full((2, 32, 32, 1), 0.5, "float32"), masks)
-    dataset = data.SegmentationData("flat", split, split, 3, ("bg", "a", "b"), "test")
+    flat = np.full((2, 32, 32, 1), 0.5, "float32")
+    dataset = data.from_arrays("flat", flat, masks, flat, masks, 3, ("bg", "a", "b"))
     model = models.att_unet(32, 32, 3, depth=2, features=4, in_channels=1,
                             data_format="channels_last", output_activation="softmax")
     result = training.evaluate_model(model, dataset, _tiny_config(tmp_path))
     assert result["otsu"] is None
     assert result["otsu_note"].startswith("no Otsu baseline: ")
     assert set(result["model"]) >= {"dice", "hd95", "hd95_a", "hd95_b"}
+
+
+def _folder(root, count, start=0):
+    from PIL import Image
+
+    rng = np.random.default_rng(start)
+    for sub in ("images", "masks"):
+        (root / sub).mkdir(parents=True, exist_ok=True)
+    for index in range(start, start + count):
+        image = (rng.random((64, 64)) * 255).astype("uint8")
+        Image.fromarray(image).save(root / "images" / f"img{index:02d}.png")
+        Image.fromarray((image > 128).astype("uint8")).save(
+            root / "masks" / f"img{index:02d}.png")
+
+
+def test_a_file_that_fails_mid_epoch_stops_training_naming_it(tmp_path):
+    """A truncated PNG: its header reads (so indexing passes), its pixels do not."""
+    dataset = tmp_path / "set"
+    _folder(dataset, 4)
+    bad = dataset / "images" / "img02.png"
+    bad.write_bytes(bad.read_bytes()[:300])
+    config = _tiny_config(tmp_path, dataset=str(dataset), n_label=1, epochs=1,
+                          steps_per_epoch=4, val_files=["img00.png"])
+    with pytest.raises(ValueError, match=r"training stopped: cannot read dataset item "
+                                         r"'img02.png': .*img02.png: cannot be read as an "
+                                         r"image .*check-data"):
+        training.train(config, verbose=0)
+
+
+def test_the_held_out_files_are_recorded_and_used_again(tmp_path):
+    dataset = tmp_path / "set"
+    _folder(dataset, 6)
+    config = _tiny_config(tmp_path, dataset=str(dataset), n_label=1, epochs=1,
+                          steps_per_epoch=1)
+    result = training.train(config, verbose=0)
+    recorded = training.read_config(str(tmp_path / "run")).val_files
+    assert recorded == data.folder(str(dataset), 1, tile=64, seed=0).val_names
+    assert len(recorded) == 1 and result["held_out_images"] == 1
+
+    _folder(dataset, 5, start=6)  # new files change the seeded draw...
+    assert data.folder(str(dataset), 1, tile=64, seed=0).val_names != recorded
+    # ...but not the run's held-out files, for evaluation or a resumed run
+    assert training.load_data(training.read_config(str(tmp_path / "run"))).val_names == \
+        recorded
+    _, resumed = training.run_dataset(config, str(tmp_path / "run"), resuming=True)
+    assert resumed.val_names == recorded and len(resumed.train) == 10
