@@ -308,15 +308,7 @@ def build_parser():
                          help="probability threshold of binary models, in (0, 1) "
                               "(default: 0.5)")
     _channels_option(predict)
-    windows = predict.add_argument_group("large images")
-    windows.add_argument("--patch", type=_positive_int, default=None, metavar="N",
-                         help="predict an image with a side longer than N by sliding "
-                              "windows of NxN patches, Gaussian-blended (N a multiple of "
-                              "2**depth); smaller images whole (default: every image "
-                              "whole)")
-    windows.add_argument("--overlap", type=_overlap, default=0.5,
-                         help="fraction of a patch shared with its neighbour, in [0, 1) "
-                              "(default: 0.5)")
+    windows = _window_options(predict)
     windows.add_argument("--tta", action="store_true",
                          help="test-time augmentation: average the predictions of every "
                               "flip of the axes (4 passes)")
@@ -341,7 +333,22 @@ def build_parser():
     attention.add_argument("--overwrite", action="store_true",
                            help="replace FILE when it exists")
     _channels_option(attention)
+    _window_options(attention)
     return parser
+
+
+def _window_options(command):
+    """--patch and --overlap: sliding windows for images larger than a patch."""
+    windows = command.add_argument_group("large images")
+    windows.add_argument("--patch", type=_positive_int, default=None, metavar="N",
+                         help="run an image with a side longer than N by sliding windows "
+                              "of NxN patches, Gaussian-blended (N a multiple of "
+                              "2**depth); smaller images whole (default: every image "
+                              "whole)")
+    windows.add_argument("--overlap", type=_overlap, default=0.5,
+                         help="fraction of a patch shared with its neighbour, in [0, 1) "
+                              "(default: 0.5)")
+    return windows
 
 
 def _add_train_parser(commands):

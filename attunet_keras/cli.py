@@ -404,10 +404,17 @@ def _attention(args):
         return _attention_volume(args)
     names = _input_names(args)
     model = _checked_model(args)
+    if args.patch is not None:
+        inference.check_patch_size(model, args.patch, rank=2)
     name, image, normalized, source = next(iter(_inputs(args, names)))
     image = inference.convert_channels(image, inference.input_channels(model),
                                        args.channels, source)
-    probabilities, gate_maps = inference.attention_maps(model, image, normalized=normalized)
+    if args.patch is not None and max(image.shape[:2]) > args.patch:
+        probabilities, gate_maps = inference.attention_maps_sliding_window(
+            model, image, args.patch, overlap=args.overlap, normalized=normalized)
+    else:
+        probabilities, gate_maps = inference.attention_maps(model, image,
+                                                            normalized=normalized)
     shown = image if normalized else data.normalize(image)
     inference.attention_figure(args.output, shown, probabilities, gate_maps,
                                title=f"Attention gates of {model.name} on {name}")

@@ -454,6 +454,68 @@ def attention_maps(model, image, *, normalized=False):
     return outputs[0], {name: output[..., 0] for name, output in zip(gate_names, outputs[1:])}
 
 
+def attention_maps_sliding_window(model, image, patch_size, *, overlap=0.5,
+                                  batch_size=4, normalized=False):
+    """`attention_maps` of a large image (or volume) by Gaussian-blended sliding windows.
+
+    The image is padded to a multiple of the model's size multiple, and every window
+    starts on that multiple, so each gate's grid lines up across windows; each output
+    (the prediction and every gate's map, on its own grid) is blended with the
+    Gaussian importance map sampled on that grid. Memory follows the patch batch.
+
+    Returns:
+        As `attention_maps`: `(probabilities, {gate name: map})`, cropped to the image.
+    """
+    rank = 3 if is_volume_model(model) else 2
+    image = _check_image(model, image, rank)
+    if not normalized:
+        image = data_lib.normalize_channels(image, spatial_axes=tuple(range(rank)))
+    patch = check_patch_size(model, patch_size, rank)
+    if not (isinstance(overlap, (int, float)) and 0.0 <= overlap < 1.0):
+        raise ValueError(f"overlap={overlap!r} is not allowed; expected a number in [0, 1).")
+    multiple = size_multiple(model)
+    size = image.shape[:rank]
+    padded = data_lib.pad_to_multiple(image.astype("float32"), multiple, axes=rank)[0]
+    padded = _pad_to_at_least(padded, patch)
+    starts = [sorted({start - start % multiple
+                      for start in _window_starts(extent, side, overlap)})
+              for extent, side in zip(padded.shape[:rank], patch)]
+    importance = _importance_map(patch, "gaussian")
+    runner = attention_model(_with_free_sizes(model, patch))
+    channels_first = model_data_format(model) == "channels_first"
+    totals = weights = None
+    corners = list(itertools.product(*starts))
+    for first in range(0, len(corners), batch_size):
+        chunk = corners[first:first + batch_size]
+        batch = np.stack([padded[tuple(slice(c, c + p) for c, p in zip(corner, patch))]
+                          for corner in chunk])
+        if channels_first:
+            batch = np.moveaxis(batch, -1, 1)
+        outputs = [np.asarray(output) for output in runner.predict_on_batch(batch)]
+        if channels_first:
+            outputs = [np.moveaxis(output, 1, -1) for output in outputs]
+        if totals is None:
+            factors = [patch[0] // output.shape[1] for output in outputs]
+            totals = [np.zeros(tuple(-(-extent // factor) for extent in padded.shape[:rank])
+                               + output.shape[-1:], "float32")
+                      for factor, output in zip(factors, outputs)]
+            weights = [np.zeros(total.shape[:-1], "float32") for total in totals]
+        for index, corner in enumerate(chunk):
+            for total, weight, factor, output in zip(totals, weights, factors, outputs):
+                where = tuple(slice(c // factor, (c + p) // factor)
+                              for c, p in zip(corner, patch))
+                sampled = importance[tuple(slice(None, None, factor) for _ in patch)]
+                total[where] += output[index] * sampled[..., None]
+                weight[where] += sampled
+    results = []
+    for total, weight, factor in zip(totals, weights, factors):
+        crop = tuple(slice(0, -(-side // factor)) for side in size)
+        results.append(total[crop] / weight[crop][..., None])
+    gate_names = [layer.name[: -len(GATE_SUFFIX)] for layer in gate_layers(model)]
+    return results[0], {name: result[..., 0]
+                        for name, result in zip(gate_names, results[1:])}
+
+
 # ------------------------------------------------------------------------- images
 
 _CLASS_COLOURS = np.array(

@@ -215,6 +215,20 @@ def test_attention_writes_one_figure(tiny_run, tmp_path, capsys):
     assert "2 gates (dec2 256x64, dec1 512x128)" in capsys.readouterr().out
 
 
+def test_attention_by_sliding_windows_above_the_patch_size(tiny_run, tmp_path, capsys):
+    """The held-out quarter (512x128) in 64x64 windows: the same gate grids as whole."""
+    output = tmp_path / "attention.png"
+    assert cli.main(["attention", "--run", str(tiny_run), "--output", str(output),
+                     "--patch", "64", "--overlap", "0.25"]) == 0
+    assert output.read_bytes()[:4] == b"\x89PNG"
+    assert "2 gates (dec2 256x64, dec1 512x128)" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        cli.main(["attention", "--run", str(tiny_run), "--output", str(tmp_path / "x.png"),
+                  "--patch", "30"])
+    assert "patch_size=30 is not allowed" in capsys.readouterr().err
+    assert not (tmp_path / "x.png").exists()
+
+
 def test_export_of_a_run(tiny_run, tmp_path):
     output = tmp_path / "saved"
     assert cli.main(["export", "--run", str(tiny_run), "--output", str(output)]) == 0

@@ -97,3 +97,35 @@ def test_bad_arguments_are_refused_before_predicting(arguments, match, monkeypat
     image = arguments.pop("image", np.zeros((40, 40), "float32"))
     with pytest.raises(ValueError, match=match):
         inference.predict_sliding_window(model, image, **arguments)
+
+
+@pytest.mark.parametrize("data_format", ["channels_first", "channels_last"])
+def test_attention_by_one_window_the_size_of_the_image_equals_attention_maps(data_format):
+    model = models.att_unet(None, None, 1, depth=2, features=4, data_format=data_format,
+                            in_channels=1)
+    image = np.random.default_rng(1).random((48, 64), dtype="float32") * 300
+    expected, expected_gates = inference.attention_maps(model, image)
+    got, gates = inference.attention_maps_sliding_window(model, image, (48, 64))
+    np.testing.assert_allclose(got, expected, atol=1e-5)
+    assert list(gates) == list(expected_gates)
+    for name in gates:
+        assert gates[name].shape == expected_gates[name].shape
+        np.testing.assert_allclose(gates[name], expected_gates[name], atol=1e-5)
+
+
+def test_attention_by_windows_covers_a_large_image_on_each_gate_s_grid():
+    """A 100x72 image in 32x32 windows (depth 2): padded to 100 -> 104 rows, the
+    prediction cropped back to 100x72 and the gates to their grids (100/2, 72/2 and
+    100/1, 72/1), every value a blend of coefficients in [0, 1]."""
+    model = models.att_unet(None, None, 1, depth=2, features=4,
+                            data_format="channels_last", in_channels=1)
+    image = np.random.default_rng(2).random((100, 72), dtype="float32")
+    probabilities, gates = inference.attention_maps_sliding_window(
+        model, image, 32, overlap=0.25, batch_size=3)
+    assert probabilities.shape == (100, 72, 1)
+    assert sorted(gate.shape for gate in gates.values()) == [(50, 36), (100, 72)]
+    for gate in gates.values():
+        assert np.isfinite(gate).all() and 0.0 <= gate.min() and gate.max() <= 1.0
+    # the blend stays close to the whole image's prediction (windows see less context)
+    whole = inference.predict_probabilities(model, image)
+    assert np.abs(probabilities - whole).mean() < 0.05
