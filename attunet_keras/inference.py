@@ -348,11 +348,7 @@ def predict_sliding_window(model, image, patch_size, *, overlap=0.5, blend="gaus
                  for axes in itertools.combinations(range(1, rank + 1), count)]
 
     total = weights = None
-    corners = list(itertools.product(*starts))
-    for first in range(0, len(corners), batch_size):
-        chunk = corners[first:first + batch_size]
-        batch = np.stack([padded[tuple(slice(c, c + p) for c, p in zip(corner, patch))]
-                          for corner in chunk])
+    for chunk, batch in _window_batches(padded, patch, starts, batch_size):
         predicted = np.mean([_predict_flipped(runner, batch, axes, channels_first)
                              for axes in flips], axis=0)
         if total is None:
@@ -364,6 +360,16 @@ def predict_sliding_window(model, image, patch_size, *, overlap=0.5, blend="gaus
             weights[where] += importance
     crop = tuple(slice(0, extent) for extent in size)
     return (total[crop] / weights[crop][..., None]).astype("float32")
+
+
+def _window_batches(padded, patch, starts, batch_size):
+    """Yields `(corners, patches)` of the windows at every combination of `starts`,
+    `batch_size` windows at a time."""
+    corners = list(itertools.product(*starts))
+    for first in range(0, len(corners), batch_size):
+        chunk = corners[first:first + batch_size]
+        yield chunk, np.stack([padded[tuple(slice(c, c + p) for c, p in zip(corner, patch))]
+                               for corner in chunk])
 
 
 def check_patch_size(model, patch_size, rank):
@@ -484,11 +490,7 @@ def attention_maps_sliding_window(model, image, patch_size, *, overlap=0.5,
     runner = attention_model(_with_free_sizes(model, patch))
     channels_first = model_data_format(model) == "channels_first"
     totals = weights = None
-    corners = list(itertools.product(*starts))
-    for first in range(0, len(corners), batch_size):
-        chunk = corners[first:first + batch_size]
-        batch = np.stack([padded[tuple(slice(c, c + p) for c, p in zip(corner, patch))]
-                          for corner in chunk])
+    for chunk, batch in _window_batches(padded, patch, starts, batch_size):
         if channels_first:
             batch = np.moveaxis(batch, -1, 1)
         outputs = [np.asarray(output) for output in runner.predict_on_batch(batch)]
