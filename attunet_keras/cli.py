@@ -125,7 +125,7 @@ def _export(args):
         raise ValueError("--quantize int8 applies to --format litert only.")
     if args.quantize and not args.run:
         raise ValueError(
-            "--quantize int8 needs --run DIR: the run's training tiles calibrate it."
+            "--quantize int8 needs --run DIR: the run's training patches calibrate it."
         )
     model = _load_or_build(args)
     sample = _check_batch(model, args.seed)

@@ -13,7 +13,7 @@ A run lives in one output folder:
   restored, the log keeps each finished epoch once and the best checkpoint keeps its
   best score. The steps of the interrupted epoch are run again from the backed-up
   weights (at most `backup_every` steps of work are repeated on top of the epoch's
-  start), with a fresh draw of training tiles.
+  start), with a fresh draw of training patches.
 - `result.json`: the final held-out scores, written when training finishes.
 """
 
