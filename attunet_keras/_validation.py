@@ -24,6 +24,45 @@ def resolve_data_format(data_format):
     return data_format
 
 
+def check_data_format(data_format):
+    """Returns `data_format` checked, `None` kept (a layout found at call time)."""
+    return None if data_format is None else resolve_data_format(data_format)
+
+
+def channel_axis_of(shape, n_label, data_format, name):
+    """The channel axis of a batch of maps (`y_true`/`y_pred` of a loss or metric).
+
+    An explicit `data_format` decides. Otherwise the axis is found from the static
+    `shape`: of axis 1 (channels_first) and the last axis (channels_last), the one whose
+    size is `n_label` (the model's output channels). A single channel (binary maps)
+    reduces the same over either axis, so `n_label == 1` needs no layout (either
+    size-1 axis is returned). `n_label=None` is read as binary when one of the two
+    axes has size 1. Anything that cannot be decided raises one `ValueError` naming
+    the shape and the remedy; a spatial axis is never taken for the channels.
+    """
+    if data_format is not None:
+        return channel_axis_for(data_format)
+    shape = tuple(shape)
+    rank = len(shape)
+    wanted = 1 if n_label is None else n_label
+    fits = [axis for axis in (1, rank - 1) if shape[axis] == wanted]
+    if len(fits) == 1 or (wanted == 1 and fits):
+        return fits[0]
+    if n_label is None:
+        raise ValueError(
+            f"{name} cannot tell the channel axis of maps of shape {shape}: pass "
+            "n_label= (the model's output channels) or data_format='channels_first' "
+            "or 'channels_last'.")
+    if fits:
+        raise ValueError(
+            f"{name} cannot tell the channel axis of maps of shape {shape}: both axis 1 "
+            f"and the last axis have n_label={n_label} entries; pass "
+            "data_format='channels_first' or 'channels_last'.")
+    raise ValueError(
+        f"{name} expected maps with n_label={n_label} channels on axis 1 "
+        f"(channels_first) or on the last axis (channels_last); received shape {shape}.")
+
+
 def channel_axis_for(data_format):
     """The channel axis of a 4D or 5D tensor in `data_format`."""
     return 1 if data_format == "channels_first" else -1

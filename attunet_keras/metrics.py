@@ -4,6 +4,10 @@ Both accumulate true positives, false positives and false negatives per class ov
 every batch they see, and compute the score from those totals (not an average of
 per-batch scores). Predictions are hard: `y_pred > threshold` for one channel
 (binary), `argmax` over the channels for several (classes, background included).
+
+The channel axis is the model's in either layout: without `data_format` it is found
+from the maps' static shape and `n_label`, as the losses find it (binary maps need
+no layout at all).
 """
 
 import keras
@@ -28,19 +32,19 @@ class _OverlapMetric(keras.metrics.Metric):
         self.n_label = n_label
         self.class_id = class_id
         self.threshold = threshold
-        self.data_format = _validation.resolve_data_format(data_format)
+        self.data_format = _validation.check_data_format(data_format)
         n_classes = max(n_label, 2)
         self.true_positives = self.add_variable((n_classes,), "zeros", name="tp")
         self.false_positives = self.add_variable((n_classes,), "zeros", name="fp")
         self.false_negatives = self.add_variable((n_classes,), "zeros", name="fn")
 
     def update_state(self, y_true, y_pred, sample_weight=None):
-        channel_axis = _validation.channel_axis_for(self.data_format)
         n_classes = max(self.n_label, 2)
-        if self.n_label == 1:
-            true_labels = ops.cast(ops.squeeze(y_true, channel_axis) > 0.5, "int32")
-            pred_labels = ops.cast(ops.squeeze(y_pred, channel_axis) > self.threshold,
-                                   "int32")
+        channel_axis = _validation.channel_axis_of(y_pred.shape, self.n_label,
+                                                   self.data_format, type(self).__name__)
+        if self.n_label == 1:  # one channel: every value is a pixel's, in either layout
+            true_labels = ops.cast(y_true > 0.5, "int32")
+            pred_labels = ops.cast(y_pred > self.threshold, "int32")
         else:
             true_labels = ops.argmax(y_true, axis=channel_axis)
             pred_labels = ops.argmax(y_pred, axis=channel_axis)
@@ -97,7 +101,8 @@ class Dice(_OverlapMetric):
         class_id: int or None. Report one class (0 is background); `None` reports the
             foreground for binary masks and the mean over classes 1.. otherwise.
         threshold: float. Binary decision threshold. Defaults to 0.5.
-        data_format: str or None. Layout of the maps.
+        data_format: str or None. Layout of the maps; `None` finds the channel axis
+            from the shapes and `n_label`.
         name: str. Defaults to `"dice"`.
     """
 
@@ -163,8 +168,10 @@ def hausdorff95(prediction, truth, spacing=None):
     """The 95th percentile Hausdorff distance between two binary masks (2D or 3D).
 
     The larger of the two directed 95th percentiles of `surface_distances`, as MONAI's
-    `compute_hausdorff_distance(percentile=95)`. Empty masks follow MONAI: both empty
-    gives NaN (no surface to measure), one empty and the other not gives infinity.
+    `compute_hausdorff_distance(percentile=95)` on non-empty masks. Empty masks: both
+    empty gives NaN (no surface to measure); one empty and the other not gives
+    infinity, the plain Hausdorff distance's answer (no point of the empty mask is
+    near the other's). MONAI's 95th-percentile path gives NaN there instead.
 
     Args:
         prediction, truth: boolean (or 0/1) arrays of one shape.

@@ -75,24 +75,27 @@ def loss_cases():
     return cases
 
 
-def loss_values():
-    """`{key: value}` of every loss case under the backend in use."""
+def loss_values(layout=True):
+    """`{key: value}` of every loss case under the backend in use; `layout=False` gives
+    the losses no `data_format` (they find the channel axis from the shapes)."""
     from attunet_keras import losses
 
     return {key: float(keras.ops.convert_to_numpy(
-        losses.get(name, n_label, data_format)(y_true, y_pred)))
+        losses.get(name, n_label, data_format if layout else None)(y_true, y_pred)))
             for key, name, n_label, data_format, y_true, y_pred in loss_cases()}
 
 
-def metric_values():
-    """`{key: value}` of every metric of `segmentation_metrics` on the loss cases."""
+def metric_values(layout=True):
+    """`{key: value}` of every metric of `segmentation_metrics` on the loss cases;
+    `layout` as `loss_values`."""
     from attunet_keras import metrics
 
     values = {}
     for key, _, n_label, data_format, y_true, y_pred in loss_cases():
         if not key.startswith("bce-"):
             continue  # the metrics see the same arrays for every loss name
-        for metric in metrics.segmentation_metrics(n_label, data_format=data_format):
+        for metric in metrics.segmentation_metrics(
+                n_label, data_format=data_format if layout else None):
             metric.update_state(y_true[:1], y_pred[:1])
             metric.update_state(y_true[1:], y_pred[1:])  # accumulated over two batches
             values[f"{metric.name}-{n_label}-{data_format}"] = float(

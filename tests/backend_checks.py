@@ -111,6 +111,33 @@ def test_metrics_equal_tensorflow_values():
         assert value == pytest.approx(expected[key], abs=1e-6), key
 
 
+def test_losses_and_metrics_without_a_layout_equal_those_given_it():
+    """Each case once in each layout: found from the shapes, the values are the same."""
+    for with_layout, without in ((backend_cases.loss_values(), backend_cases.loss_values(False)),
+                                 (backend_cases.metric_values(),
+                                  backend_cases.metric_values(False))):
+        assert set(with_layout) == set(without)
+        for key, value in without.items():
+            assert value == pytest.approx(with_layout[key], abs=1e-6), key
+
+
+def test_the_quickstart_compile_and_fit_on_a_channels_first_model():
+    """The README's compile line on a channels_first model: the metric used to fail under
+    JAX (a squeeze of the last axis) and the loss to reduce over a spatial axis."""
+    keras.utils.set_random_seed(1)
+    model = models.att_unet(32, 32, 1, depth=2, features=4)  # channels_first by default
+    model.compile("adam", loss=losses.get("bce_dice", 1), metrics=[metrics.Dice()])
+    images = np.random.default_rng(3).random((2, 3, 32, 32), dtype="float32")
+    masks = (images[:, :1] > 0.5).astype("float32")
+    history = model.fit(images, masks, epochs=1, verbose=0).history
+    expected = losses.get("bce_dice", 1, "channels_last")(
+        np.moveaxis(masks, 1, -1), np.moveaxis(model.predict(images, verbose=0), 1, -1))
+    assert np.isfinite(history["loss"]).all() and 0.0 <= history["dice"][0] <= 1.0
+    evaluated = model.evaluate(images, masks, verbose=0, return_dict=True)
+    assert evaluated["loss"] == pytest.approx(float(keras.ops.convert_to_numpy(expected)),
+                                              rel=1e-4)
+
+
 @pytest.mark.parametrize("source", SOURCES)
 @pytest.mark.parametrize("name", sorted(backend_cases.SAVED_MODELS))
 def test_a_model_saved_under_another_backend_loads_in_safe_mode_with_equal_outputs(

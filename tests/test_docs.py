@@ -4,6 +4,7 @@ import glob
 import os
 import re
 
+import numpy as np
 import pytest
 
 import attunet_keras_cli
@@ -94,3 +95,27 @@ def test_every_flag_the_docs_mention_exists_in_its_subcommand_help():
         if not any(re.search(rf"(?<![\w-]){re.escape(flag)}(?![\w-])", text) for text in texts):
             missing.append(f"{page}: {command or 'any command'} {flag}")
     assert not missing, "flags the docs name but the CLI lacks: " + "; ".join(missing)
+
+
+def test_the_readme_quickstart_runs_and_trains_the_reference_model(tmp_path, monkeypatch,
+                                                                   capsys):
+    """The first Python block of the README, as a user pastes it: the reference model
+    (channels_first) compiled with the package's loss and metric, fitted one epoch."""
+    with open(PAGES[0]) as file:
+        block = re.findall(r"```python\n(.*?)```", file.read(), flags=re.S)[0]
+    assert "model.fit(" in block and "metrics.Dice()" in block
+    monkeypatch.chdir(tmp_path)
+    namespace = {}
+    exec(compile(block, "README.md", "exec"), namespace)  # noqa: S102
+    model, x = namespace["model"], namespace["x"]
+    assert model.count_params() == 7977941  # the reference summary's Total params
+    assert (tmp_path / "att_unet.png").stat().st_size > 0
+    history = model.history.history
+    assert np.isfinite(history["loss"]).all() and 0.0 <= history["dice"][0] <= 1.0
+    from attunet_keras import losses
+
+    masks = (x[:, :1] > 0.5).astype("float32")
+    expected = float(losses.get("bce_dice", 1, "channels_last")(
+        np.moveaxis(masks, 1, -1), np.moveaxis(model.predict(x, verbose=0), 1, -1)))
+    assert model.evaluate(x, masks, verbose=0, return_dict=True)["loss"] == pytest.approx(
+        expected, rel=1e-4)

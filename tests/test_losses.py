@@ -79,3 +79,83 @@ def test_every_named_loss_gives_a_finite_value(name, n_label):
 def test_unknown_loss_name_lists_the_choices():
     with pytest.raises(ValueError, match=r"loss='l2' is not supported; expected one of"):
         losses.get("l2", 1)
+
+
+def _layout_cases():
+    """`(name, n_label, y_true, y_pred)` in channels_last: 2 images of 6x5 pixels."""
+    rng = np.random.default_rng(5)
+    for name in losses.LOSSES:
+        for n_label in (1, 3):
+            labels = rng.integers(0, max(n_label, 2), (2, 6, 5))
+            if n_label == 1:
+                y_true = labels[..., None].astype("float32")
+                y_pred = rng.uniform(0.05, 0.95, (2, 6, 5, 1)).astype("float32")
+            else:
+                y_true = np.eye(3, dtype="float32")[labels]
+                logits = rng.normal(size=(2, 6, 5, 3)).astype("float32")
+                y_pred = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
+            yield name, n_label, y_true, y_pred
+
+
+@pytest.mark.parametrize("name, n_label, y_true, y_pred", list(_layout_cases()),
+                         ids=lambda value: str(value) if not hasattr(value, "shape") else "")
+def test_every_loss_finds_the_channel_axis_of_either_layout(name, n_label, y_true, y_pred):
+    expected = float(losses.get(name, n_label, "channels_last")(y_true, y_pred))
+    first = [np.ascontiguousarray(np.moveaxis(a, -1, 1)) for a in (y_true, y_pred)]
+    for data_format in ("channels_last", "channels_first"):
+        keras.config.set_image_data_format(data_format)  # the global must not matter
+        assert float(losses.get(name, n_label)(*first)) == pytest.approx(expected, rel=1e-5)
+        assert float(losses.get(name, n_label)(y_true, y_pred)) == pytest.approx(
+            expected, rel=1e-5)
+    # An explicit data_format is honoured, also where it is the wrong one.
+    assert float(losses.get(name, n_label, "channels_first")(*first)) == pytest.approx(
+        expected, rel=1e-5)
+    if n_label == 3 and name != "tversky":  # reduced over the 5 columns instead
+        assert float(losses.get(name, n_label, "channels_last")(*first)) != pytest.approx(
+            expected, rel=1e-3)
+
+
+def test_cross_entropy_in_channels_first_matches_the_hand_computed_value():
+    # One pixel per class over 3 channels, channels_first (1, 3, 1, 3):
+    # -mean(log p_true) over the 3 pixels, p_true = 0.7, 0.5, 0.2.
+    y_true = np.eye(3, dtype="float32").T[None, :, None, :]
+    p_true = np.array([0.7, 0.5, 0.2], "float32")
+    y_pred = np.empty((1, 3, 1, 3), "float32")
+    for pixel, p in enumerate(p_true):
+        y_pred[0, :, 0, pixel] = (1 - p) / 2
+        y_pred[0, pixel, 0, pixel] = p
+    # Width 3 and 3 channels: the two axes cannot be told apart from the shapes.
+    with pytest.raises(ValueError, match=r"both axis 1 and the last axis have n_label=3 "
+                                         r"entries; pass data_format="):
+        losses.get("bce", 3)(y_true, y_pred)
+    value = float(losses.get("bce", 3, "channels_first")(y_true, y_pred))
+    assert value == pytest.approx(-np.log(p_true).mean(), rel=1e-5)
+    wide_true, wide_pred = np.tile(y_true, (1, 1, 1, 2)), np.tile(y_pred, (1, 1, 1, 2))
+    assert float(losses.get("bce", 3)(wide_true, wide_pred)) == pytest.approx(value, rel=1e-5)
+    # Dice per class (smooth 0), TP = p_c, FN = 1 - p_c, FP = the other pixels' (1 - p) / 2:
+    # class 0: 1.4 / (1.4 + 0.65 + 0.3); class 1: 1.0 / (1.0 + 0.55 + 0.5);
+    # class 2: 0.4 / (0.4 + 0.4 + 0.8).
+    per_class = [1.4 / 2.35, 1.0 / 2.05, 0.4 / 1.6]
+    dice = losses.DiceLoss(smooth=0.0, n_label=3)(wide_true, wide_pred)
+    assert float(dice) == pytest.approx(1 - np.mean(per_class), rel=1e-5)
+
+
+def test_the_binary_losses_need_no_layout_and_the_reference_shape_works():
+    # The reference model's output: channels_first, one channel, 160 pixels square
+    # reduced to 1x2x2: the binary Dice of Y_TRUE / Y_PRED above (0.5) in either layout.
+    first_true, first_pred = (np.transpose(a, (0, 3, 1, 2)) for a in (Y_TRUE, Y_PRED))
+    assert float(losses.DiceLoss()(first_true, first_pred)) == pytest.approx(0.5, abs=1e-6)
+    assert float(losses.DiceLoss()(Y_TRUE, Y_PRED)) == pytest.approx(0.5, abs=1e-6)
+    p = np.clip(Y_PRED, 1e-7, 1 - 1e-7)
+    bce = -np.mean(Y_TRUE * np.log(p) + (1 - Y_TRUE) * np.log(1 - p))
+    combined = losses.get("bce_dice", 1)
+    assert float(combined(first_true, first_pred)) == pytest.approx(bce + 0.5, rel=1e-4)
+
+
+def test_maps_without_the_channels_named_are_refused_with_the_remedy():
+    with pytest.raises(ValueError, match=r"expected maps with n_label=3 channels on axis 1 "
+                                         r"\(channels_first\) or on the last axis"):
+        losses.get("dice", 3)(np.zeros((1, 4, 5, 2), "float32"), np.zeros((1, 4, 5, 2),
+                                                                          "float32"))
+    with pytest.raises(ValueError, match=r"pass n_label= \(the model's output channels\)"):
+        losses.DiceLoss()(np.zeros((1, 4, 5, 3), "float32"), np.zeros((1, 4, 5, 3), "float32"))

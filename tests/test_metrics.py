@@ -120,3 +120,36 @@ def test_hausdorff95_of_empty_masks_follows_monai():
     assert metrics.hausdorff95(square, empty) == np.inf
     with pytest.raises(ValueError, match=r"must have one shape"):
         metrics.hausdorff95(square, square[:8])
+
+
+@pytest.mark.parametrize("metric_class", [metrics.Dice, metrics.IoU])
+@pytest.mark.parametrize("n_label", [1, 3])
+def test_metrics_find_the_channel_axis_of_either_layout(metric_class, n_label):
+    rng = np.random.default_rng(2)
+    labels = rng.integers(0, max(n_label, 2), (2, 12, 10))
+    if n_label == 1:
+        y_true = labels[..., None].astype("float32")
+        y_pred = rng.random((2, 12, 10, 1), dtype="float32")
+    else:
+        y_true = np.eye(3, dtype="float32")[labels]
+        y_pred = rng.random((2, 12, 10, 3), dtype="float32")
+    expected = metric_class(n_label, data_format="channels_last")
+    expected.update_state(y_true, y_pred)
+    first = [np.moveaxis(a, -1, 1) for a in (y_true, y_pred)]
+    for data_format in ("channels_last", "channels_first"):
+        keras.config.set_image_data_format(data_format)  # the global must not matter
+        for arrays in (first, (y_true, y_pred)):
+            metric = metric_class(n_label)
+            metric.update_state(*arrays)
+            assert float(metric.result()) == pytest.approx(float(expected.result()))
+
+
+def test_channels_first_dice_matches_hand_counts_without_a_data_format():
+    # channels_first (1, 3, 1, 4): labels true 0 1 1 2, predicted 0 1 2 2.
+    y_true = np.eye(3, dtype="float32")[[0, 1, 1, 2]].T[None, :, None, :]
+    y_pred = np.eye(3, dtype="float32")[[0, 1, 2, 2]].T[None, :, None, :]
+    dice = metrics.Dice(3)
+    dice.update_state(y_true, y_pred)
+    assert float(dice.result()) == pytest.approx(2 / 3)  # classes a and b: 2/3 each
+    with pytest.raises(ValueError, match=r"both axis 1 and the last axis have n_label=3"):
+        metrics.Dice(3).update_state(y_true[..., :3], y_pred[..., :3])
