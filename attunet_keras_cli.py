@@ -29,6 +29,9 @@ STRATEGIES = ("auto", "default", "one_device", "mirrored", "multiworker", "tpu",
 PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
 JIT_CHOICES = ("auto", "on", "off")
 CHANNEL_CONVERSIONS = ("gray", "rgb")
+# The backends Keras 3 knows (keras.src.backend.config); the package is tested under the
+# first three.
+KERAS_BACKENDS = ("tensorflow", "jax", "torch", "numpy", "openvino")
 BACKBONES = ("vgg16", "resnet50", "resnet50v2", "efficientnetb0", "efficientnetb1",
              "efficientnetb2", "efficientnetb3", "mobilenetv2", "convnext_tiny")
 TRAIN_DEFAULTS = types.SimpleNamespace(
@@ -510,6 +513,11 @@ def main(argv=None):
         os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
     parser = build_parser()
     args = parser.parse_args(argv)
+    backend = os.environ.get("KERAS_BACKEND")
+    if backend is not None and backend not in KERAS_BACKENDS:
+        parser.exit(2, f"attunet-keras {args.command}: error: KERAS_BACKEND={backend!r} is "
+                       f"not a Keras backend; expected one of {', '.join(KERAS_BACKENDS)} "
+                       "(this package runs under tensorflow, jax and torch).\n")
     return _import_commands(quiet).run(parser, args)
 
 

@@ -119,17 +119,94 @@ def encoder(backbone, weights=None):
     `RANDOM_INIT_BN_MOMENTUM`.
     """
     spec = BACKBONES[backbone]
+    path = None
     if weights not in (None, "imagenet"):
-        weights = os.fspath(weights)
+        path, weights = os.fspath(weights), None
     application = getattr(keras.applications, spec.application)(
         include_top=False, weights=weights, input_shape=(None, None, 3))
-    if weights is None:
+    if path is not None:
+        load_weights_file(application, path, spec.application)
+    elif weights is None:
         for layer in application.layers:
             if isinstance(layer, keras.layers.BatchNormalization):
                 layer.momentum = min(layer.momentum, RANDOM_INIT_BN_MOMENTUM)
     outputs = [application.get_layer(name).output for name in spec.skips if name]
     return keras.Model(application.input, outputs + [application.output],
                        name=f"{backbone}_encoder")
+
+
+def check_weights_file(backbone, path):
+    """Loads the weights file `path` into a fresh `backbone` application: one ValueError
+    naming the file and what it holds when it is not that application's weights (the
+    check `train` runs before it writes anything)."""
+    spec = BACKBONES[backbone]
+    application = getattr(keras.applications, spec.application)(
+        include_top=False, weights=None, input_shape=(None, None, 3))
+    load_weights_file(application, path, spec.application)
+
+
+def load_weights_file(application, path, name):
+    """`application.load_weights(path)`, with one line for a file that does not fit
+    (`name`: the keras.applications function).
+
+    Keras's own errors are an HDF5 message without the file's name ("file signature
+    not found") or a dump of every layer; this says which file, and what it holds.
+    """
+    import warnings
+
+    try:
+        with warnings.catch_warnings():  # one warning per layer that does not match
+            warnings.simplefilter("ignore")
+            application.load_weights(path)
+    except Exception:  # any failure means: not this application's weights
+        raise ValueError(f"backbone_weights={path}: {_weights_mismatch(application, path)} "
+                         f"Expected a weights file of keras.applications.{name}"
+                         "(include_top=False).") from None
+
+
+def _weights_mismatch(application, path):
+    """What `path` holds, in one sentence, when it is not `application`'s weights.
+
+    Keras 3 `.weights.h5` files name their groups by layer type (`conv2d_12`), the
+    legacy `.h5` files of keras.applications by layer name (`block1_conv1`): the
+    sentence counts the layers by type, or names the layers this network lacks.
+    """
+    import collections
+    import re
+
+    import h5py
+
+    if not h5py.is_hdf5(path):
+        return "is not an HDF5 weights file (.h5 or .weights.h5)."
+    with h5py.File(path, "r") as file:
+        if "layer_names" in file.attrs:
+            names = [name.decode() if isinstance(name, bytes) else str(name)
+                     for name in file.attrs["layer_names"]]
+            expected = {layer.name for layer in application.layers}
+            foreign = [name for name in names if name not in expected]
+            if foreign:
+                return (f"holds the weights of {len(names)} layers, {len(foreign)} of which "
+                        f"this network lacks ({', '.join(foreign[:3])}, ...): the weights "
+                        "of another network.")
+            return "holds weights for this network's layers of other shapes."
+        if "layers" not in file:
+            return "is an HDF5 file without Keras weights in it."
+        kinds = collections.Counter(re.sub(r"_\d+$", "", key) for key in file["layers"])
+
+    def snake(name):  # Keras's own naming of the groups (keras.src.utils.naming)
+        name = re.sub(r"(.)([A-Z][a-z]+)", r"\1_\2", name)
+        return re.sub(r"([a-z])([A-Z])", r"\1_\2", name).lower()
+
+    wanted = collections.Counter(snake(type(layer).__name__) for layer in application.layers)
+
+    def listed(counts):
+        return ", ".join(f"{count} {kind}" for kind, count in counts.most_common(3))
+
+    if kinds != wanted:
+        return (f"holds the weights of {sum(kinds.values())} layers ({listed(kinds)}), where "
+                f"this network has {sum(wanted.values())} ({listed(wanted)}, ...): the "
+                "weights of another network.")
+    return "holds weights for this network's layers of other shapes."
 
 
 def build(sizes, options, conv_block, up_and_concat, head):

@@ -10,6 +10,7 @@ import os
 import sys
 
 import attunet_keras_cli
+from attunet_keras import runs
 
 build_parser = attunet_keras_cli.build_parser
 
@@ -20,15 +21,24 @@ def main(argv=None):
 
 
 def run(parser, args):
-    """Runs a parsed command; every expected failure exits 2 with one line."""
+    """Runs a parsed command; every expected failure exits 2 with one line.
+
+    The exit happens outside the `except` block, after a garbage collection: an error
+    from inside `fit` references its `tf.data` iterators, and one still alive when
+    Python exits hangs the process (`training.stop_on_read_failure` says why).
+    """
     try:
         return _COMMANDS[args.command](args)
     except (ValueError, FileExistsError, FileNotFoundError, RuntimeError) as error:
-        parser.exit(2, f"attunet-keras {args.command}: error: {error}\n")
+        message = f"attunet-keras {args.command}: error: {error}\n"
     except OSError as error:  # read-only folders, full disks, ...
         where = f" {error.filename}" if error.filename else ""
-        parser.exit(2, f"attunet-keras {args.command}: error: cannot write or read{where}: "
-                       f"{error.strerror or error}\n")
+        message = (f"attunet-keras {args.command}: error: cannot write or read{where}: "
+                   f"{error.strerror or error}\n")
+    import gc
+
+    gc.collect()
+    parser.exit(2, message)
 
 
 def _check_output(args, extensions=None):
@@ -42,6 +52,11 @@ def _check_output(args, extensions=None):
         raise FileExistsError(
             f"{output} is a folder; --overwrite only replaces a file. Choose a file path."
         )
+    folder = os.path.dirname(os.path.abspath(output))
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(
+            f"--output {output}: the folder {os.path.dirname(output) or folder} does not "
+            "exist; create it first.")
     if extensions:
         extension = os.path.splitext(output)[1].lower()
         if extension not in extensions:
@@ -235,8 +250,10 @@ def _print_scores(result):
         baseline = f"{otsu[name]:>10.4f}" if name in otsu else f"{'n/a':>10}"
         print(f"  {name:<24}{value:>10.4f}{baseline}")
     if "hd95" in result["model"]:
-        print("  (hd95: 95th percentile Hausdorff distance in pixels, mean over the "
-              "held-out images; lower is better)")
+        volumes = result.get("dims") == 3
+        unit = "the voxel spacing's units (mm in most NIfTI files)" if volumes else "pixels"
+        print(f"  (hd95: 95th percentile Hausdorff distance in {unit}, mean over the "
+              f"held-out {'volumes' if volumes else 'images'}; lower is better)")
     if result.get("otsu_note"):
         print(f"  ({result['otsu_note']})")
 
@@ -286,10 +303,11 @@ def _checked_model(args):
 
     model = _load_or_build(args)
     if inference.is_volume_model(model):
+        given = f"; {args.input} is a 2D image" if args.input else ""
         raise ValueError(
-            f"{args.model or args.run}: a 3D model (input {tuple(model.inputs[0].shape)}); "
-            f"{args.command} takes 2D models and images only."
-        )
+            f"{args.model or args.run}: a 3D model (input {tuple(model.inputs[0].shape)}), "
+            f"which takes NIfTI volumes (.nii, .nii.gz){given}. Give {args.command} a "
+            "volume, or a 2D model for images.")
     return model
 
 
@@ -300,12 +318,13 @@ def _predict(args):
     names = _input_names(args)
     if os.path.exists(args.output) and not os.path.isdir(args.output):
         raise FileExistsError(f"--output {args.output} exists and is not a folder.")
-    input_folder = args.input if args.input and os.path.isdir(args.input) else None
-    if input_folder and os.path.realpath(input_folder) == os.path.realpath(args.output):
-        raise ValueError(
-            f"--output {args.output} is the input folder; write the masks elsewhere so "
-            "that they are never mistaken for (or written over) images."
-        )
+    if names is not None:
+        folders = {os.path.dirname(os.path.realpath(path)) for _, path in names}
+        if os.path.realpath(args.output) in folders:
+            raise ValueError(
+                f"--output {args.output} is the input folder (it holds the input images); "
+                "write the masks elsewhere so that they are never mistaken for (or written over) "
+                "images.")
     if names is not None and any(data.is_volume_file(path) for _, path in names):
         return _predict_volumes(args, names)
     if names is not None:
@@ -315,9 +334,21 @@ def _predict(args):
     if args.patch is not None:
         inference.check_patch_size(model, args.patch, rank=2)
     channels = inference.input_channels(model)
+    if names is not None:
+        _check_images(names, channels, args.channels)
     model = inference.fully_convolutional(model)
     n_label = inference.output_channels(model)
-    os.makedirs(args.output, exist_ok=True)
+    # One predict writes into a folder at a time, so no image's mask and overlay come
+    # from two runs; a second is refused at once.
+    with runs.folder_lock(args.output, what="predict output folder", keep=False):
+        _predict_images(args, names, model, channels, n_label)
+    return 0
+
+
+def _predict_images(args, names, model, channels, n_label):
+    from attunet_keras import data
+    from attunet_keras import inference
+
     for name, image, normalized, source in _inputs(args, names):
         image = inference.convert_channels(image, channels, args.channels, source)
         paths = [os.path.join(args.output, f"{name}_{kind}.png")
@@ -332,7 +363,16 @@ def _predict(args):
         inference.save_png(paths[0], inference.mask_png(labels, n_label))
         inference.save_png(paths[1], inference.overlay(shown, labels))
         print(f"Wrote {paths[0]} and {paths[1]} ({labels.shape[0]}x{labels.shape[1]})")
-    return 0
+
+
+def _check_images(names, channels, conversion):
+    """Reads every input image once and checks that the model can take it, so that a
+    bad one is refused before any output is written (one image in memory at a time)."""
+    from attunet_keras import data
+    from attunet_keras import inference
+
+    for _, path in names:
+        inference.convert_channels(data.read_image(path), channels, conversion, path)
 
 
 def _check_planned(args, names, planned):
@@ -367,12 +407,14 @@ def _predict_volumes(args, names):
     model = _volume_model(args, names[0][1])
     patch = args.patch or inference.own_size(model) or inference.DEFAULT_VOLUME_PATCH
     patch = inference.check_patch_size(model, patch, rank=3)
-    os.makedirs(args.output, exist_ok=True)
-    for (name, path), output in zip(names, planned):
-        labels = inference.predict_nifti(model, path, output, patch, overlap=args.overlap,
-                                         tta=args.tta, threshold=args.threshold)
-        print(f"Wrote {output} ({'x'.join(map(str, labels.shape))} uint8 labels; the "
-              f"affine and header of {path}; patches {'x'.join(map(str, patch))})")
+    with runs.folder_lock(args.output, what="predict output folder", keep=False):
+        for (name, path), output in zip(names, planned):
+            labels = inference.predict_nifti(model, path, output, patch,
+                                             overlap=args.overlap, tta=args.tta,
+                                             threshold=args.threshold)
+            print(f"Wrote {output} ({'x'.join(map(str, labels.shape))} {labels.dtype} "
+                  f"labels; the affine and header of {path}; patches "
+                  f"{'x'.join(map(str, patch))})")
     return 0
 
 

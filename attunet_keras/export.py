@@ -33,6 +33,7 @@ import tempfile
 import numpy as np
 
 from attunet_keras import inference
+from attunet_keras import runs
 
 FORMATS = ("savedmodel", "onnx", "litert")
 QUANTIZATIONS = (None, "int8")
@@ -108,17 +109,23 @@ def _staged(path, overwrite, format="savedmodel"):
     check_target(path, format, overwrite)
     parent = os.path.dirname(path)
     os.makedirs(parent, exist_ok=True)
-    remove_stale_staging(path)
-    staging = tempfile.mkdtemp(prefix=_staging_prefix(path), dir=parent)
-    try:
-        _chmod_as_umask(staging)
-        result = os.path.join(staging, os.path.basename(path))
-        yield result
-        if os.path.isdir(result):
-            _chmod_as_umask(result)
-        _replace(result, path)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    # One export to a target at a time: a second is refused at once, so it can neither
+    # remove the first's staging folder nor replace its result without `overwrite`.
+    lock = os.path.join(parent, f".{os.path.basename(path)}.lock")
+    with runs.file_lock(lock, wait=False, remove=True, what=f"export target {path}"):
+        check_target(path, format, overwrite)  # again: it may have appeared meanwhile
+        remove_stale_staging(path)
+        staging = tempfile.mkdtemp(prefix=_staging_prefix(path), dir=parent)
+        try:
+            _chmod_as_umask(staging)
+            result = os.path.join(staging, os.path.basename(path))
+            yield result
+            if os.path.isdir(result):
+                _chmod_as_umask(result)
+            check_target(path, format, overwrite)  # written by something else meanwhile?
+            _replace(result, path)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
 
 
 def _replace(source, target):

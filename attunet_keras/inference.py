@@ -30,6 +30,12 @@ def load_model(path):
     import keras
 
     path = os.fspath(path)
+    if os.path.isdir(path):
+        if os.path.isfile(os.path.join(path, "config.json")):
+            hint = "it is a training run: give its best.keras (or --run on the command line)"
+        else:
+            hint = "give the path of a .keras file"
+        raise ValueError(f"{path} is a folder, not a .keras model file; {hint}.")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: no such file (a .keras model was expected).")
     if not path.endswith(".keras"):
@@ -440,10 +446,12 @@ def _predict_flipped(runner, batch, axes, channels_first):
 
 
 def labels_from_probabilities(probabilities, threshold=0.5):
-    """Integer labels (H, W): threshold for one channel, argmax for several."""
+    """Integer labels (H, W): threshold for one channel, argmax for several (uint8, or
+    wider above 256 classes: `data.files.label_dtype`)."""
     if probabilities.shape[-1] == 1:
         return (probabilities[..., 0] > threshold).astype("uint8")
-    return probabilities.argmax(axis=-1).astype("uint8")
+    return probabilities.argmax(axis=-1).astype(
+        data_lib.files.label_dtype(probabilities.shape[-1]))
 
 
 def attention_maps(model, image, *, normalized=False):
@@ -553,9 +561,11 @@ def overlay(image, labels, alpha=0.45):
 
 
 def mask_png(labels, n_label):
-    """A mask image: 0/255 for binary masks, the class index for classes."""
-    labels = np.asarray(labels, dtype="uint8")
-    return labels * 255 if n_label == 1 else labels
+    """A mask image: 0/255 for binary masks, the class index for classes (8-bit, or
+    16-bit above 256 classes)."""
+    if n_label == 1:
+        return np.asarray(labels, dtype="uint8") * 255
+    return np.asarray(labels, dtype="uint8" if n_label <= 256 else "uint16")
 
 
 def save_png(path, array):
@@ -666,12 +676,13 @@ def predict_nifti(model, path, output, patch_size, *, overlap=0.5, tta=False,
                   threshold=0.5, batch_size=2):
     """Segments a NIfTI volume with `predict_sliding_window` and writes the labels.
 
-    `output` (`.nii` or `.nii.gz`) gets uint8 labels (0/1, or class indices) with the
-    input's affine and a copy of its header (data type set to uint8, no scaling); it
+    `output` (`.nii` or `.nii.gz`) gets uint8 labels (0/1, or class indices; wider above
+    256 classes) with the input's affine and a copy of its header (data type set to
+    the labels', no scaling); it
     is written under a temporary name and renamed, so it is whole or absent.
 
     Returns:
-        The labels, `(X, Y, Z)` uint8.
+        The labels, `(X, Y, Z)`.
     """
     import nibabel
 
@@ -685,7 +696,7 @@ def predict_nifti(model, path, output, patch_size, *, overlap=0.5, tta=False,
     labels = labels_from_probabilities(probabilities, threshold)
     source = nibabel.load(path)
     header = source.header.copy()
-    header.set_data_dtype(np.uint8)
+    header.set_data_dtype(labels.dtype)
     written = type(source)(labels, source.affine, header)
     written.header.set_slope_inter(1.0, 0.0)
     folder, name = os.path.split(os.path.abspath(output))

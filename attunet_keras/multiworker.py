@@ -45,6 +45,7 @@ import numpy as np
 
 from attunet_keras import data as data_lib
 from attunet_keras import distribute
+from attunet_keras import runs
 from attunet_keras import training
 
 COLLECTIVE_TIMEOUT_SECONDS = 60
@@ -164,6 +165,7 @@ def train(config, *, overwrite=False, verbose="auto", cluster_timeout=CLUSTER_TI
         resuming = training.backup_progress(os.path.join(output, training.BACKUP_DIR)) \
             is not None
     config, dataset = training.run_dataset(config, output, resuming)
+    training.check_backbone_weights(config)
     cluster = json.loads(os.environ["TF_CONFIG"])["cluster"]
     with deadline(cluster_timeout,
                   f"worker {task_index} ({address}): the other workers of {cluster} did "
@@ -174,8 +176,24 @@ def train(config, *, overwrite=False, verbose="auto", cluster_timeout=CLUSTER_TI
             communication_options=tf.distribute.experimental.CommunicationOptions(
                 timeout_seconds=COLLECTIVE_TIMEOUT_SECONDS))
     global_batch, steps = training.batching(config, strategy, dataset)
-    if chief:
-        training.start_output(config, output, overwrite, resuming)
+    # The chief is the run folder's one writer: it takes the lock once the cluster has
+    # formed (a worker ended while waiting for it leaves nothing behind) and checks the
+    # folder again under it; the other workers write nothing there.
+    with runs.folder_lock(output) if chief else contextlib.nullcontext():
+        if chief and training.check_output(config, output, overwrite) != resuming:
+            raise ValueError(f"output {output} changed while the workers joined (another "
+                             "process wrote to it); run the command again.")
+        if chief:
+            training.start_output(config, output, overwrite, resuming)
+        return _run_guarded(config, output, resuming, dataset, strategy, global_batch,
+                            steps, chief, task_index, verbose)
+
+
+def _run_guarded(config, output, resuming, dataset, strategy, global_batch, steps, chief,
+                 task_index, verbose):
+    """`_run` under the run's precision, with a lost peer turned into one error."""
+    import tensorflow as tf
+
     with distribute.precision_policy(config.precision):
         try:
             with training.stop_on_read_failure(os.path.join(output, training.BACKUP_DIR)):
@@ -282,7 +300,7 @@ def _run(config, output, resuming, dataset, strategy, global_batch, steps, chief
     if chief:
         model.save(os.path.join(output, training.LAST_MODEL))
         best_result = training.evaluate_run(output, dataset=dataset)
-        training.write_json(os.path.join(output, training.RESULT_FILE), best_result)
+        runs.write_json(os.path.join(output, training.RESULT_FILE), best_result)
         shutil.rmtree(backup_dir, ignore_errors=True)
         return best_result
     return result

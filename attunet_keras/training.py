@@ -33,6 +33,7 @@ from attunet_keras import data as data_lib
 from attunet_keras import inference
 from attunet_keras import losses as losses_lib
 from attunet_keras import metrics as metrics_lib
+from attunet_keras import runs
 
 CONFIG_FILE = "config.json"
 RESULT_FILE = "result.json"
@@ -412,11 +413,6 @@ def monitor_name(model):
     return f"val_{model.output_names[0]}_dice"
 
 
-def main_output(outputs):
-    """The main output of a model's call: the first of a deep-supervision list."""
-    return outputs[0] if isinstance(outputs, (list, tuple)) else outputs
-
-
 def train(config, *, overwrite=False, verbose="auto"):
     """Trains (or resumes) the run described by `config`; returns its result dict.
 
@@ -436,9 +432,18 @@ def train(config, *, overwrite=False, verbose="auto"):
         )
     distribute.check_precision_on_device(config.precision, config.data_format)
     output = os.path.abspath(config.output)
+    check_output(config, output, overwrite)  # refuses before even the lock is written
+    with runs.folder_lock(output):  # one writer: a second train here is refused
+        return _train_locked(config, output, overwrite, verbose)
+
+
+def _train_locked(config, output, overwrite, verbose):
+    from attunet_keras import distribute
+
     # Every check first; the run folder is written only once they have all passed.
     resuming = check_output(config, output, overwrite)
     config, dataset = run_dataset(config, output, resuming)
+    check_backbone_weights(config)
     strategy = distribute.get_strategy(config.strategy)
     global_batch, steps = batching(config, strategy, dataset)
     jit_compile = distribute.resolve_jit_compile(config.jit_compile, strategy)
@@ -464,6 +469,15 @@ def run_dataset(config, output, resuming):
     if config.dataset not in data_lib.BUILTIN:
         config = dataclasses.replace(config, val_files=dataset.val_names)
     return config, dataset
+
+
+def check_backbone_weights(config):
+    """Refuses a `backbone_weights` file that is not the backbone's, before anything
+    is written (a fresh application is built and the file loaded into it)."""
+    if config.backbone is not None and config.backbone_weights not in (None, "imagenet"):
+        from attunet_keras import backbones
+
+        backbones.check_weights_file(config.backbone, config.backbone_weights)
 
 
 def batching(config, strategy, dataset):
@@ -515,8 +529,12 @@ def _fit(config, output, resuming, dataset, strategy, global_batch, steps, jit_c
     print(f"Strategy {distribute.describe(strategy)}; global batch {global_batch} "
           f"({config.batch_size} per replica); precision {config.precision}; "
           f"jit_compile {jit_compile}")
-    if resuming:
-        print(f"Resuming {output} from its backup at epoch {resumed_epoch + 1}")
+    if resuming and resumed_epoch >= config.epochs:
+        print(f"Resuming {output}: all {config.epochs} epochs were trained; finishing "
+              "with the final evaluation")
+    elif resuming:
+        print(f"Resuming {output} from its backup at epoch {resumed_epoch + 1} of "
+              f"{config.epochs}")
 
     losses = []
     for first, last, stage_frozen in _stages(config, resumed_epoch):
@@ -543,7 +561,7 @@ def _fit(config, output, resuming, dataset, strategy, global_batch, steps, jit_c
         )
     model.save(os.path.join(output, LAST_MODEL))
     result = evaluate_run(output, dataset=dataset)
-    write_json(os.path.join(output, RESULT_FILE), result)
+    runs.write_json(os.path.join(output, RESULT_FILE), result)
     shutil.rmtree(backup_dir, ignore_errors=True)
     return result
 
@@ -561,17 +579,39 @@ def describe_dataset(dataset, config, say=print):
 
 @contextlib.contextmanager
 def stop_on_read_failure(backup_dir):
-    """Turns a file that fails to read mid-epoch into one error naming it."""
+    """Turns a file that fails to read mid-epoch into one error naming it.
+
+    The error raised carries no reference to the failed `fit` (its frames hold the
+    `tf.data` iterators): those are released, and collected here, before it is raised.
+    An iterator still alive when Python exits is destroyed during interpreter
+    finalization, while its reader threads wait for the GIL that finalization no
+    longer hands out: the process would print the error and hang.
+    """
+    failure = None
     try:
         yield
     except Exception as error:
         failure = data_lib.read_failure(error)
         if failure is None:
             raise
-        raise ValueError(
-            f"training stopped: {failure} Fix or remove the file (attunet-keras "
-            f"check-data lists every problem) and run the same command again: it goes on "
-            f"from the last backup in {backup_dir}.") from None
+    if failure is None:
+        return
+    release_pipelines()
+    if backup_progress(backup_dir):
+        again = f"it goes on from the last backup in {backup_dir}"
+    else:
+        again = "no backup was taken yet, so it starts from the beginning"
+    raise ValueError(
+        f"training stopped: {failure} Fix or remove the file (attunet-keras "
+        f"check-data lists every problem) and run the same command again: {again}.")
+
+
+def release_pipelines():
+    """Collects unreachable `tf.data` iterators now, while their reader threads can
+    still finish (see `stop_on_read_failure`)."""
+    import gc
+
+    gc.collect()
 
 
 def _stages(config, first_epoch):
@@ -580,13 +620,6 @@ def _stages(config, first_epoch):
     stages.append((config.freeze_epochs, config.epochs, False))
     return [(max(first, first_epoch), last, frozen) for first, last, frozen in stages
             if last > first_epoch]
-
-
-def prepare_output(config, output, overwrite):
-    """`check_output` then `start_output`: True when an interrupted run is resumed."""
-    resuming = check_output(config, output, overwrite)
-    start_output(config, output, overwrite, resuming)
-    return resuming
 
 
 def is_run_folder(folder):
@@ -617,8 +650,8 @@ def check_output(config, output, overwrite):
                 f"output {output} holds the dataset {config.dataset}; choose a run folder "
                 "outside it."
             )
-    if not (os.path.isdir(output) and os.listdir(output)):
-        return False
+    if not runs.entries(output) or nothing_trained(output):
+        return False  # a new folder, or a start that failed before its first epoch
     if overwrite:
         if not is_run_folder(output):
             raise ValueError(
@@ -656,14 +689,38 @@ def check_output(config, output, overwrite):
     return backup_progress(os.path.join(output, BACKUP_DIR)) is not None
 
 
+def nothing_trained(output):
+    """True for a run folder whose start failed before anything was trained: only the
+    run's own files (config.json, an empty log.csv, tensorboard/), no backup and no
+    model. A rerun, with any settings, starts it afresh."""
+    names = set(runs.entries(output))
+    if not names or not names <= {CONFIG_FILE, LOG_FILE, "tensorboard"}:
+        return False
+    try:
+        read_config(output)
+    except (ValueError, FileNotFoundError):
+        return False
+    log = os.path.join(output, LOG_FILE)
+    if os.path.isfile(log):
+        with open(log) as file:
+            if len(file.read().splitlines()) > 1:
+                return False
+    return True
+
+
 def start_output(config, output, overwrite, resuming):
-    """Creates the run folder (replacing a run with `overwrite`) and writes config.json."""
+    """Creates the run folder and writes config.json; a new run first empties the
+    folder of an earlier run (with `overwrite`) or of a failed start (its lock kept)."""
     if resuming:
         return
-    if overwrite and os.path.isdir(output) and os.listdir(output):
-        shutil.rmtree(output)
     os.makedirs(output, exist_ok=True)
-    write_json(os.path.join(output, CONFIG_FILE), config.to_json())
+    for name in runs.entries(output):
+        path = os.path.join(output, name)
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path)
+        else:
+            os.remove(path)
+    runs.write_json(os.path.join(output, CONFIG_FILE), config.to_json())
 
 
 def _read_json(path):
@@ -693,14 +750,6 @@ def trim_log(log_path, first_epoch, monitor):
         writer.writerows(kept)
     scores = [float(row[monitor]) for row in kept if row.get(monitor)]
     return max(scores) if scores else None
-
-
-def write_json(path, values):
-    temporary = f"{path}.tmp"
-    with open(temporary, "w") as file:
-        json.dump(values, file, indent=2)
-        file.write("\n")
-    os.replace(temporary, path)
 
 
 def read_config(run_dir):
@@ -794,7 +843,7 @@ def evaluate_model(model, dataset, config, overlap=EVALUATE_OVERLAP):
     scores = {metric.name: float(metric.result()) for metric in metrics}
     scores.update(distances.result())
     result = {"dataset": dataset.name, "held_out_images": len(dataset.val),
-              "model": scores, "otsu": None}
+              "dims": dataset.dims, "model": scores, "otsu": None}
     if dataset.n_label > MAX_OTSU_CLASSES:
         result["otsu_note"] = (
             f"no Otsu baseline: multi-Otsu is skipped above {MAX_OTSU_CLASSES} classes, "
@@ -846,8 +895,9 @@ class _HD95:
     """Held-out HD95 in pixels (in the voxel spacing's units for volumes with one):
     per image and foreground class, then the mean.
 
-    As MONAI's `reduction="mean"`: an image where prediction and truth are both empty
-    (NaN) is left out of the mean; one empty and the other not makes it infinite.
+    An image where prediction and truth are both empty (NaN) is left out of the mean,
+    as MONAI's `reduction="mean"` leaves NaN out; one empty and the other not makes it
+    infinite (`metrics.hausdorff95` says why).
     `hd95` is the foreground's (binary) or the mean over the classes 1.., with
     `hd95_{class}` per class.
     """

@@ -518,3 +518,76 @@ def test_bad_pipeline_flags_are_refused(flag, value, match, tmp_path, capsys):
     assert exit_info.value.code == 2
     assert re.search(match, capsys.readouterr().err)
     assert not (tmp_path / "run").exists()
+
+
+def test_predict_checks_every_image_before_it_writes_any(tiny_run, tmp_path, capsys):
+    """A gray and an RGB image: the first's outputs used to be written before the RGB
+    one was refused, and the rerun with --channels gray was then refused too."""
+    folder = _images(tmp_path / "in", ["a_gray.png"])
+    _images(folder, ["b_rgb.png"], channels=3)
+    argv = ["predict", str(folder), "--model", str(tiny_run / "best.keras"),
+            "--output", str(tmp_path / "out")]
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(argv)
+    assert exit_info.value.code == 2
+    assert "b_rgb.png has 3 channel(s) but the model takes 1" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+    assert cli.main(argv + ["--channels", "gray"]) == 0
+    assert sorted(os.listdir(tmp_path / "out")) == [
+        "a_gray_mask.png", "a_gray_overlay.png", "b_rgb_mask.png", "b_rgb_overlay.png"]
+
+
+def test_predict_refuses_an_output_folder_that_holds_the_input_image(tiny_run, tmp_path,
+                                                                     capsys):
+    folder = _images(tmp_path / "in", ["x.png"])
+    with pytest.raises(SystemExit):
+        cli.main(["predict", str(folder / "x.png"), "--model", str(tiny_run / "best.keras"),
+                  "--output", str(folder)])
+    assert "is the input folder" in capsys.readouterr().err
+    assert os.listdir(folder) == ["x.png"]
+
+
+def test_a_3d_model_given_an_image_says_what_it_takes(tmp_path, capsys):
+    from attunet_keras import models
+
+    path = tmp_path / "volume.keras"
+    models.att_unet_3d(16, 16, 16, 1, depth=2, features=4).save(path)
+    folder = _images(tmp_path / "in", ["a.png"])
+    with pytest.raises(SystemExit):
+        cli.main(["predict", str(folder / "a.png"), "--model", str(path), "--output",
+                  str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert "a 3D model" in err and "which takes NIfTI volumes (.nii, .nii.gz)" in err
+    assert "a.png is a 2D image" in err and "2D models and images only" not in err
+
+
+def test_attention_into_a_missing_folder_is_refused_before_any_work(tiny_run, tmp_path,
+                                                                    capsys, monkeypatch):
+    monkeypatch.setattr(cli, "_checked_model", lambda args: pytest.fail("computed"))
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["attention", "--run", str(tiny_run), "--output",
+                  str(tmp_path / "missing" / "x.png")])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "missing does not exist; create it first" in err
+    assert not (tmp_path / "missing").exists()
+
+
+def test_an_unknown_keras_backend_is_one_line_and_exit_2():
+    result = subprocess.run([_console_script(), "summary"], capture_output=True, text=True,
+                            timeout=120, env=dict(os.environ, KERAS_BACKEND="nonsense"))
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "attunet-keras summary: error: KERAS_BACKEND='nonsense' is not a Keras backend; "
+        "expected one of tensorflow, jax, torch, numpy, openvino (this package runs "
+        "under tensorflow, jax and torch)."]
+
+
+def test_the_hd95_footnote_names_the_units_of_volumes(capsys):
+    result = {"dataset": "v", "held_out_images": 2, "dims": 3, "otsu": None,
+              "model": {"dice": 0.5, "iou": 0.3, "hd95": 2.0}}
+    cli._print_scores(result)
+    text = capsys.readouterr().out
+    assert "in the voxel spacing's units" in text and "pixels" not in text
+    cli._print_scores(dict(result, dims=2))
+    assert "distance in pixels" in capsys.readouterr().out

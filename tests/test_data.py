@@ -165,8 +165,8 @@ def test_images_smaller_than_a_patch_are_padded_and_said_so(tmp_path):
 @pytest.mark.parametrize(
     "setup, match",
     [
-        ("missing_mask", r"images without a mask: b\.png"),
-        ("missing_image", r"masks without an image: c\.png"),
+        ("missing_mask", r"images/b\.png: image without a mask"),
+        ("missing_image", r"masks/c\.png: mask without an image"),
         ("size_mismatch", r"a\.png is 64x64 but .*a\.png is 32x32"),
         ("unreadable", r"a\.png: cannot be read as an image"),
         ("one_pair", r"found 1 image/mask pair\(s\); at least 2"),
@@ -203,10 +203,29 @@ def test_every_header_problem_is_listed_in_one_error(tmp_path):
         _write_pair(tmp_path, stem, image, mask)
     Image.fromarray(mask[:32]).save(tmp_path / "masks" / "a.png")
     (tmp_path / "images" / "c.png").write_bytes(b"not a png")
-    with pytest.raises(ValueError, match=r"2 problem\(s\) in the files' headers") as error:
+    with pytest.raises(ValueError, match=r"2 problem\(s\) \(attunet-keras check-data") as error:
         data.folder(str(tmp_path), n_label=2, tile=32)
     assert "a.png is 64x64 but" in str(error.value)
     assert "c.png: cannot be read as an image" in str(error.value)
+
+
+def test_train_lists_pairing_header_and_label_problems_in_one_error(tmp_path):
+    """What check-data lists, train lists too, in one error (it used to take a run per
+    kind of problem: the pairing, then the headers, then the pixels)."""
+    image, mask = _random_pair()
+    for stem in ("a", "b", "c", "d"):
+        _write_pair(tmp_path, stem, image, mask)
+    Image.fromarray(image).save(tmp_path / "images" / "lonely.png")  # no mask
+    Image.fromarray(mask[:32]).save(tmp_path / "masks" / "a.png")  # other size
+    Image.fromarray(np.full_like(mask, 7)).save(tmp_path / "masks" / "b.png")  # label 7
+    with pytest.raises(ValueError, match=r"3 problem\(s\)") as error:
+        data.folder(str(tmp_path), n_label=2, tile=32)
+    text = str(error.value)
+    assert "lonely.png: image without a mask" in text
+    assert "a.png is 64x64 but" in text
+    assert "labels [7] are outside 0..1" in text
+    _, problems, _ = data.check_folder(str(tmp_path), 2)
+    assert all(problem in text for problem in problems)
 
 
 def _first_read_failure(dataset):
@@ -503,3 +522,102 @@ def test_brain3d_holds_out_the_slices_brain_holds_out():
     np.testing.assert_array_equal(image[0], flat_image)
     np.testing.assert_array_equal(mask[0], flat_mask)
     assert volume.items[volume.val[0]].spacing == (1.0, 2.0, 2.0)
+
+
+def test_masks_keep_labels_above_255_and_n_label_is_checked_against_their_type(tmp_path):
+    """A uint16 mask with labels 0, 5 and 256 (n_label 300): the label 256 used to be
+    read through a uint8 cast as background, in silence."""
+    image, _ = _random_pair()
+    mask = np.zeros((64, 64), "uint16")
+    mask[:20] = 5
+    mask[40:] = 256
+    for stem in ("a", "b"):
+        _write_pair(tmp_path, stem, image, mask)
+    assert Image.open(tmp_path / "masks" / "a.png").mode == "I;16"
+    checked, problems, _ = data.check_folder(str(tmp_path), 300)
+    assert (checked, problems) == (2, [])
+    dataset = data.folder(str(tmp_path), n_label=300, tile=32)
+    labels = dataset.read(0)[1]
+    assert labels.dtype == np.uint16 and set(np.unique(labels)) == {0, 5, 256}
+    np.testing.assert_array_equal(labels, mask)
+    patches = next(iter(data.training_dataset(dataset, 2)))[1].numpy()
+    assert patches.shape == (2, 32, 32, 300)  # one-hot over all 300 classes
+    # Only masks that can hold labels up to n_label - 1 pass: an 8-bit mask cannot.
+    Image.fromarray(mask.astype("uint8")).save(tmp_path / "masks" / "b.png")
+    _, problems, _ = data.check_folder(str(tmp_path), 300)
+    assert len(problems) == 1 and "b.png: a uint8 mask holds labels up to 255" in problems[0]
+    assert "(n_label=300) cannot be in it" in problems[0]
+
+
+def _palette_image(path, indices, colours):
+    image = Image.fromarray(np.asarray(indices, "uint8"), mode="P")
+    image.putpalette([value for colour in colours for value in colour])
+    image.save(path)
+
+
+def test_palette_images_are_read_as_their_colours_and_palette_masks_as_indices(tmp_path):
+    indices = np.array([[0, 1], [2, 1]])
+    # A gray palette: index 1 is white, index 2 is dark gray (10); as indices 2 > 1.
+    _palette_image(tmp_path / "gray.png", indices, [(0, 0, 0), (255, 255, 255), (10, 10, 10)])
+    gray = data.read_image(str(tmp_path / "gray.png"))
+    np.testing.assert_array_equal(gray, [[0, 255], [10, 255]])
+    assert data.read_header(str(tmp_path / "gray.png")) == ((2, 2), 1)
+    _palette_image(tmp_path / "colour.png", indices, [(0, 0, 0), (255, 0, 0), (0, 0, 200)])
+    colour = data.read_image(str(tmp_path / "colour.png"))
+    assert colour.shape == (2, 2, 3)
+    np.testing.assert_array_equal(colour[1, 0], [0, 0, 200])
+    assert data.read_header(str(tmp_path / "colour.png")) == ((2, 2), 3)
+    # The same file as a mask: the palette indices are the labels.
+    np.testing.assert_array_equal(data.read_image(str(tmp_path / "colour.png"), mask=True),
+                                  indices)
+
+
+@pytest.mark.parametrize("mode, values, expected", [
+    ("LA", [[(10, 255), (200, 0)]], [[10, 200]]),          # alpha dropped
+    ("RGBA", [[(1, 2, 3, 0), (4, 5, 6, 255)]], [[(1, 2, 3), (4, 5, 6)]]),
+    ("1", [[0, 1]], [[0, 255]]),                            # 1-bit: black and white
+    ("I;16", [[0, 40000]], [[0, 40000]]),                   # 16-bit kept whole
+])
+def test_other_png_modes_are_read_as_intensities(tmp_path, mode, values, expected):
+    path = tmp_path / "image.png"
+    array = np.asarray(values, "uint16" if mode == "I;16" else "uint8")
+    if mode == "1":
+        Image.fromarray(array.astype(bool)).save(path)
+    elif mode == "I;16":
+        Image.fromarray(array).save(path)
+    else:
+        Image.fromarray(array, mode=mode).save(path)
+    assert Image.open(path).mode == mode
+    read = data.read_image(str(path))
+    np.testing.assert_array_equal(read, expected)
+    channels = 1 if read.ndim == 2 else read.shape[-1]
+    assert data.read_header(str(path)) == (read.shape[:2], channels)
+
+
+def test_a_broken_cache_entry_is_reported_removed_and_rebuilt(tmp_path):
+    root, cache = tmp_path / "set", tmp_path / "cache"
+    for index in range(2):
+        _write_pair(str(root), f"img{index}", *_random_pair(seed=index))
+    pairs = data.find_pairs(str(root))
+    said = []
+    entries = data.PairCache(str(cache), 2, say=said.append)
+    entries.prune(pairs)
+    expected = [entries.load(*pair) for pair in pairs]
+    names = sorted(os.listdir(cache))
+    assert len(names) == 2 and all(name.endswith(".pair.npz") for name in names)
+    with open(cache / names[0], "r+b") as file:  # cut short, as a full disk or a kill would
+        file.truncate(100)
+    (cache / names[1]).write_bytes(b"not a zip")
+    again = data.PairCache(str(cache), 2, say=said.append)
+    for pair, (image, mask) in zip(pairs, expected):
+        reread_image, reread_mask = again.load(*pair)
+        np.testing.assert_array_equal(reread_image, image)
+        np.testing.assert_array_equal(reread_mask, mask)
+    assert len(said) == 2
+    assert f"cache entry {cache / names[0]} cannot be read" in said[0]
+    assert "removed, and rebuilt from" in said[0] and "img0.png" in said[0]
+    # Rebuilt whole: read back without a word, and nothing else left in the folder.
+    said.clear()
+    for pair in pairs:
+        again.load(*pair)
+    assert said == [] and sorted(os.listdir(cache)) == names

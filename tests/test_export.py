@@ -1,6 +1,7 @@
 """Deployment exports: TF Serving SavedModel, ONNX, LiteRT (float32, int8), atomicity."""
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -165,7 +166,8 @@ def test_a_killed_export_leaves_no_half_written_model(tmp_path):
     try:
         # The staging folder appears beside the target: kill while it is written.
         while time.time() < deadline:
-            staging = [name for name in os.listdir(tmp_path) if name.startswith(".saved.")]
+            staging = [name for name in os.listdir(tmp_path)
+                       if name.startswith(".saved.staging-")]
             if staging and any(os.scandir(tmp_path / staging[0])):
                 break
             if process.poll() is not None:
@@ -184,3 +186,25 @@ def test_a_killed_export_leaves_no_half_written_model(tmp_path):
                           env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
     assert done.returncode == 0, done.stderr[-2000:]
     assert (target / "1" / "saved_model.pb").is_file()
+    # The killed export's staging folder and its lock (freed by the kernel) are gone.
+    assert sorted(os.listdir(tmp_path)) == ["saved"]
+
+
+def test_two_exports_to_one_target_at_once_one_is_refused(tmp_path):
+    """Started together, without --overwrite: one export lands, the other is refused
+    (both used to succeed, the second replacing the first)."""
+    script = os.path.join(os.path.dirname(sys.executable), "attunet-keras")
+    target = tmp_path / "saved"
+    command = [script, "export", "--output", str(target), "--img-w", "32", "--img-h", "32",
+               "--depth", "2", "--features", "4"]
+    processes = [subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                  text=True, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
+                 for _ in range(2)]
+    errors = [process.communicate(timeout=300)[1] for process in processes]
+    codes = sorted(process.returncode for process in processes)
+    assert codes == [0, 2], errors
+    refused = errors[[process.returncode for process in processes].index(2)]
+    assert re.search(rf"export target {re.escape(str(target))} is in use by process \d+@|"
+                     rf"{re.escape(str(target))} already exists", refused), refused
+    assert (target / "1" / "saved_model.pb").is_file()
+    assert sorted(os.listdir(tmp_path)) == ["saved"]

@@ -1,6 +1,7 @@
 """Tests of attunet_keras.training: learning on real data, run folders, resuming."""
 
 import csv
+import re
 import json
 import os
 import subprocess
@@ -11,8 +12,16 @@ import numpy as np
 import pytest
 
 from attunet_keras import data
+from attunet_keras import inference
 from attunet_keras import training
 from helpers import kill_training_at
+
+
+def _numpy_dice(predicted, truth):
+    """2 TP / (2 TP + FP + FN) of two boolean arrays; 1 when both are empty."""
+    tp = np.sum(predicted & truth)
+    denominator = 2 * tp + np.sum(predicted & ~truth) + np.sum(~predicted & truth)
+    return 1.0 if denominator == 0 else 2 * tp / denominator
 
 
 def _tiny_config(tmp_path, **changes):
@@ -60,7 +69,15 @@ def test_train_writes_a_complete_run_folder(tmp_path):
         rows = list(csv.DictReader(file))
     assert [row["epoch"] for row in rows] == ["0", "1"]
     assert result["dataset"] == "nuclei" and result["held_out_images"] == 1
-    assert 0.0 <= result["model"]["dice"] <= 1.0
+    # The held-out score is the Dice of best.keras on the whole held-out quarter,
+    # counted here with NumPy from the blended windows' labels.
+    dataset = data.nuclei(tile=64)
+    image, truth = dataset.read(dataset.val[0])
+    best = keras.saving.load_model(run / "best.keras")
+    probabilities = inference.predict_sliding_window(best, image, 64, overlap=0.25,
+                                                     batch_size=4, normalized=True)
+    assert result["model"]["dice"] == pytest.approx(
+        _numpy_dice(probabilities[..., 0] > 0.5, truth > 0), abs=1e-6)
     assert 0.8 < result["otsu"]["dice"] < 0.95  # Otsu on this image: about 0.85
     assert json.loads((run / "result.json").read_text()) == result
     keras.saving.load_model(run / "best.keras", safe_mode=True)
@@ -156,11 +173,34 @@ def test_a_killed_run_resumes_where_it_was(tmp_path):
     with open(output / "log.csv") as file:
         epochs_before = [int(row["epoch"]) for row in csv.DictReader(file)]
     assert epochs_before[:resume_epoch] == list(range(resume_epoch))
+    log_before = (output / "log.csv").read_bytes()
+
+    # The run folder has one writer. While another process holds its lock (the lock
+    # train takes), the same command is refused at once, naming the folder and holder,
+    # and writes nothing; the holder killed, the kernel frees the lock.
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys; from attunet_keras import runs\n"
+         f"with runs.folder_lock({str(output)!r}):\n"
+         "    print('held', flush=True); sys.stdin.read()"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=environment)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        refused = subprocess.run(command, capture_output=True, text=True, timeout=300,
+                                 env=environment)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert refused.returncode == 2
+    assert refused.stderr.strip().splitlines()[-1].startswith(
+        f"attunet-keras train: error: run folder {output} is in use by process "
+        f"{holder.pid}@")
+    assert (output / "log.csv").read_bytes() == log_before
 
     resumed = subprocess.run(command, capture_output=True, text=True, timeout=600,
                              env=environment)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert f"Resuming {output} from its backup at epoch {resume_epoch + 1}" in resumed.stdout
+    assert f"Resuming {output} from its backup at epoch {resume_epoch + 1} of 4" in \
+        resumed.stdout
     assert "Epoch 1/4" not in resumed.stdout
     assert f"Epoch {resume_epoch + 1}/4" in resumed.stdout
     with open(output / "log.csv") as file:
@@ -254,7 +294,13 @@ def test_many_classes_skip_the_multi_otsu_baseline(tmp_path):
     result = training.evaluate_model(model, dataset, _tiny_config(tmp_path))
     assert result["otsu"] is None
     assert "multi-Otsu is skipped above 5 classes" in result["otsu_note"]
-    assert 0.0 <= result["model"]["dice"] <= 1.0
+    # dataset-wide Dice per class over both held-out images, then the mean of 1..6
+    predicted = [inference.predict_sliding_window(model, image, (32, 32), overlap=0.25,
+                                                  normalized=True).argmax(-1)
+                 for image in images]
+    per_class = [_numpy_dice(np.stack(predicted) == label, masks == label)
+                 for label in range(1, n_label)]
+    assert result["model"]["dice"] == pytest.approx(np.mean(per_class), abs=1e-6)
 
 
 def test_a_model_of_another_task_is_refused(tmp_path):
@@ -374,3 +420,139 @@ def test_the_held_out_files_are_recorded_and_used_again(tmp_path):
         recorded
     _, resumed = training.run_dataset(config, str(tmp_path / "run"), resuming=True)
     assert resumed.val_names == recorded and len(resumed.train) == 10
+
+
+def _backbone_config(tmp_path, weights):
+    return _tiny_config(tmp_path, backbone="mobilenetv2", backbone_weights=str(weights),
+                        depth=4, tile=64, epochs=1, steps_per_epoch=1)
+
+
+def test_a_wrong_backbone_weights_file_is_refused_before_anything_is_written(tmp_path):
+    text = tmp_path / "weights.h5"
+    text.write_text("these are not weights")
+    with pytest.raises(ValueError) as error:
+        training.train(_backbone_config(tmp_path, text), verbose=0)
+    message = str(error.value)
+    assert message == (f"backbone_weights={text}: is not an HDF5 weights file (.h5 or "
+                       ".weights.h5). Expected a weights file of keras.applications."
+                       "MobileNetV2(include_top=False).")
+    assert not (tmp_path / "run").exists()
+
+    vgg = tmp_path / "vgg16_notop.weights.h5"
+    keras.applications.VGG16(include_top=False, weights=None,
+                             input_shape=(None, None, 3)).save_weights(vgg)
+    with pytest.raises(ValueError) as error:
+        training.train(_backbone_config(tmp_path, vgg), verbose=0)
+    message = str(error.value)
+    assert "\\n" not in message and len(message) < 400, message  # not a dump of 104 layers
+    # VGG16 without its top: 13 convolutions, 5 poolings and the input
+    assert message.startswith(f"backbone_weights={vgg}: holds the weights of 19 layers "
+                              "(13 conv2d, 5 max_pooling2d, 1 input_layer), where this "
+                              "network has ")
+    assert "the weights of another network" in message
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_start_that_failed_after_config_json_blocks_neither_a_rerun_nor_overwrite(
+        tmp_path, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("the model could not be built")
+
+    monkeypatch.setattr(training, "build_model", broken)
+    with pytest.raises(RuntimeError, match="could not be built"):
+        training.train(_tiny_config(tmp_path, epochs=3), verbose=0)
+    assert (tmp_path / "run" / "config.json").is_file()
+    with pytest.raises(RuntimeError, match="could not be built"):  # other settings
+        training.train(_tiny_config(tmp_path, epochs=2), verbose=0, overwrite=True)
+    monkeypatch.undo()
+    # Other settings again, without --overwrite: nothing was trained, so it starts anew.
+    result = training.train(_tiny_config(tmp_path, epochs=1, steps_per_epoch=1), verbose=0)
+    assert 0.0 <= result["model"]["dice"] <= 1.0
+    assert training.read_config(str(tmp_path / "run")).epochs == 1
+
+
+def test_a_run_killed_in_its_final_evaluation_says_so_when_resumed(tmp_path, monkeypatch,
+                                                                  capsys):
+    evaluate_run = training.evaluate_run
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt  # as if stopped after the last epoch's backup
+
+    monkeypatch.setattr(training, "evaluate_run", killed)
+    config = _tiny_config(tmp_path, epochs=1, steps_per_epoch=1)
+    with pytest.raises(KeyboardInterrupt):
+        training.train(config, verbose=0)
+    assert training.backup_progress(str(tmp_path / "run" / "backup"))["epoch"] == 1
+    monkeypatch.setattr(training, "evaluate_run", evaluate_run)
+    capsys.readouterr()
+    training.train(config, verbose=0)
+    out = capsys.readouterr().out
+    assert "all 1 epochs were trained; finishing with the final evaluation" in out
+    assert "at epoch 2" not in out
+    assert (tmp_path / "run" / "result.json").is_file()
+
+
+def _truncated_folder(folder, count=8):
+    """`count` image/mask pairs whose images are cut in half: the headers read (so the
+    folder indexes), the pixels do not (so every read fails inside the pipeline)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for sub in ("images", "masks"):
+        (folder / sub).mkdir(parents=True)
+    for index in range(count):
+        image = (rng.random((64, 64)) * 255).astype("uint8")
+        Image.fromarray(image).save(folder / "images" / f"im{index}.png")
+        Image.fromarray((image > 128).astype("uint8")).save(folder / "masks" / f"im{index}.png")
+        path = folder / "images" / f"im{index}.png"
+        path.write_bytes(path.read_bytes()[:path.stat().st_size // 2])
+    return folder
+
+
+def test_a_reader_failing_mid_epoch_ends_the_process_with_one_line(tmp_path):
+    """The error used to be printed and the process then hung, in the tf.data iterator's
+    destructor at interpreter exit (1 run in 2 here, and 3 in 3 with a broken cache)."""
+    folder = _truncated_folder(tmp_path / "set")
+    script = os.path.join(os.path.dirname(sys.executable), "attunet-keras")
+    result = subprocess.run(
+        [script, "train", "--dataset", str(folder), "--n-label", "1", "--output",
+         str(tmp_path / "run"), "--epochs", "1", "--steps-per-epoch", "2", "--batch-size",
+         "2", "--depth", "2", "--features", "4", "--tile", "32", "--verbose", "0"],
+        capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    last = result.stderr.strip().splitlines()[-1]
+    assert re.match(r"attunet-keras train: error: training stopped: cannot read dataset "
+                    r"item 'im\d\.png': .*im\d\.png: cannot be read as an image", last), last
+    assert last.endswith("no backup was taken yet, so it starts from the beginning.")
+
+
+def test_two_runs_share_one_cache_at_once(tmp_path):
+    """Two trains started together on one --cache: both finish, and every entry is
+    whole (written under a temporary name and renamed, one writer per entry)."""
+    from PIL import Image
+
+    folder = tmp_path / "set"
+    rng = np.random.default_rng(1)
+    for sub in ("images", "masks"):
+        (folder / sub).mkdir(parents=True)
+    for index in range(6):
+        image = (rng.random((64, 64)) * 255).astype("uint8")
+        Image.fromarray(image).save(folder / "images" / f"im{index}.png")
+        Image.fromarray((image > 128).astype("uint8")).save(folder / "masks" / f"im{index}.png")
+    script = os.path.join(os.path.dirname(sys.executable), "attunet-keras")
+    commands = [[script, "train", "--dataset", str(folder), "--n-label", "1", "--output",
+                 str(tmp_path / f"run{index}"), "--epochs", "1", "--steps-per-epoch", "2",
+                 "--batch-size", "2", "--depth", "2", "--features", "4", "--tile", "32",
+                 "--verbose", "0", "--cache", str(tmp_path / "cache"), "--seed", str(index)]
+                for index in range(2)]
+    processes = [subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                  text=True) for command in commands]
+    for process in processes:
+        _, err = process.communicate(timeout=300)
+        assert process.returncode == 0, err[-3000:]
+    names = sorted(os.listdir(tmp_path / "cache"))
+    assert len(names) == 6 and all(name.endswith(".pair.npz") and not name.startswith(".")
+                                   for name in names)  # no temporary file or lock left
+    for name in names:
+        with np.load(tmp_path / "cache" / name) as entry:
+            assert entry["image"].shape == (64, 64, 1) and entry["mask"].shape == (64, 64)

@@ -3,6 +3,7 @@ NIfTI with the input's affine, HD95 in the voxel spacing's units, and the checks
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -72,7 +73,7 @@ def test_a_volume_whose_mask_has_another_affine_or_shape_is_refused(tmp_path):
     shifted[0, 3] += 5.0
     _save(root / "masks" / "vol1.nii.gz", _sphere((16, 16, 16), (8, 8, 8), 4), shifted)
     _save(root / "masks" / "vol2.nii.gz", np.zeros((16, 16, 8), "uint8"))
-    with pytest.raises(ValueError, match=r"2 problem\(s\) in the files' headers") as error:
+    with pytest.raises(ValueError, match=r"2 problem\(s\) \(attunet-keras check-data") as error:
         data.folder(str(root), 1, tile=8)
     message = str(error.value)
     assert f"{root / 'images' / 'vol1.nii.gz'} and {root / 'masks' / 'vol1.nii.gz'} have " \
@@ -194,7 +195,8 @@ def test_attention_on_a_volume_writes_the_gates_as_nifti_on_their_grids(tmp_path
     for name in gates:
         gate = nibabel.load(str(tmp_path / name))
         values = np.asarray(gate.dataobj)
-        factor = 16 // values.shape[0]
+        # the gate of decoder level k lies on the grid of that level's skip: 2**(k-1)
+        factor = 2 ** (int(re.search(r"dec(\d)", name).group(1)) - 1)
         factors.append(factor)
         assert values.shape == (16 // factor,) * 3
         assert 0.0 <= values.min() and values.max() <= 1.0

@@ -18,7 +18,6 @@ from attunet_keras.data.datasets import brain3d
 from attunet_keras.data.datasets import brain_volumes
 from attunet_keras.data.datasets import folder
 from attunet_keras.data.datasets import from_arrays
-from attunet_keras.data.datasets import load
 from attunet_keras.data.datasets import nuclei
 from attunet_keras.data.datasets import split_blocks
 from attunet_keras.data.files import IMAGE_EXTENSIONS

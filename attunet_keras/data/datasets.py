@@ -43,7 +43,7 @@ DEFAULT_TILE = {2: 128, 3: 64}
 class Item:
     """One image or volume of a dataset: its `name`, its spatial `shape` (`(H, W)` or
     `(D, H, W)`) and `read()`, which returns `(normalised float32 (*shape, C) image,
-    uint8 (*shape) labels)`; `spacing` is the voxel size of a volume (None: pixels)."""
+    (*shape) labels of files.label_dtype(n_label))`; `spacing` is the voxel size of a volume (None: pixels)."""
 
     name: str
     shape: tuple
@@ -380,7 +380,13 @@ def folder(path, n_label, tile=None, val_fraction=0.2, seed=0, val_files=None, c
         raise ValueError(f"dims={dims!r} is not supported; expected 2, 3 or None.")
     if not 0.0 < val_fraction < 1.0:
         raise ValueError(f"val_fraction={val_fraction!r} must be between 0 and 1.")
-    pairs = files.find_pairs(path)
+    try:
+        pairs = files.find_pairs(path)
+        found_shapes = None
+        if len(pairs) >= 2 and len({files.is_volume_file(f) for p in pairs for f in p}) == 1:
+            found_shapes = _index_headers(path, pairs)
+    except ValueError as error:
+        _raise_every_problem(path, n_label, error)
     if len(pairs) < 2:
         raise ValueError(
             f"{path}: found {len(pairs)} image/mask pair(s); at least 2 are needed "
@@ -395,7 +401,7 @@ def folder(path, n_label, tile=None, val_fraction=0.2, seed=0, val_files=None, c
         raise ValueError(f"dims={dims} but {path} holds "
                          f"{'NIfTI volumes' if found == 3 else '2D images'}.")
     tile = tile or DEFAULT_TILE[found]
-    shapes, channels, spacings = _index_headers(path, pairs)
+    shapes, channels, spacings = found_shapes
     names = [os.path.basename(image) for image, _ in pairs]
     if val_files is None:
         order = np.random.default_rng(seed).permutation(len(pairs))
@@ -440,6 +446,19 @@ def folder(path, n_label, tile=None, val_fraction=0.2, seed=0, val_files=None, c
         source=os.path.abspath(path), in_channels=channels, tile_shape=tile_shape,
         notes=notes,
     )
+
+
+def _raise_every_problem(path, n_label, error):
+    """Raises one ValueError listing every problem `check_folder` finds in `path` (so
+    that one run of `train` reports them all), or `error` itself if it finds none."""
+    _, problems, _ = files.check_folder(path, n_label)
+    if not problems:
+        raise error
+    shown = problems[:20]
+    more = f"\n... and {len(problems) - 20} more" if len(problems) > 20 else ""
+    raise ValueError(f"{path}: {len(problems)} problem(s) (attunet-keras check-data "
+                     f"{path} --n-label {n_label} lists the same):\n"
+                     + "\n".join(shown) + more) from None
 
 
 def _index_headers(path, pairs):
@@ -509,7 +528,16 @@ def from_arrays(name, train_images, train_masks, val_images, val_masks, n_label,
     """
     _validation.check_int("n_label", n_label, 1)
     images = [np.asarray(image, "float32") for image in list(train_images) + list(val_images)]
-    masks = [np.asarray(mask).astype("uint8") for mask in list(train_masks) + list(val_masks)]
+    masks = [np.asarray(mask) for mask in list(train_masks) + list(val_masks)]
+    highest = 255 if n_label == 1 else n_label - 1  # binary: any value > 0 is foreground
+    for index, mask in enumerate(masks):
+        if mask.dtype.kind not in "uib" or (mask.size and (
+                mask.min() < 0 or mask.max() > highest)):
+            raise ValueError(
+                f"mask {index} must hold integer labels 0..{highest} (n_label={n_label}); "
+                f"it is {mask.dtype} with values {mask.min() if mask.size else '-'}.."
+                f"{mask.max() if mask.size else '-'}.")
+    masks = [mask.astype(files.label_dtype(n_label)) for mask in masks]
     if len(images) != len(masks):
         raise ValueError(f"{len(images)} images but {len(masks)} masks.")
     for index, (image, mask) in enumerate(zip(images, masks)):
@@ -540,24 +568,3 @@ def default_class_names(n_label):
 
 def _pair(image, mask):
     return image, mask
-
-
-def load(dataset, *, n_label=None, tile=128, seed=0, **options):
-    """Loads `"nuclei"`, `"brain"` or a folder path (which needs `n_label`)."""
-    if dataset == "nuclei":
-        return nuclei(tile=tile, **options)
-    if dataset == "brain":
-        return brain(**options)
-    if dataset == "brain3d":
-        return brain3d(**options)
-    if os.path.isdir(dataset):
-        if n_label is None:
-            raise ValueError(
-                f"dataset {dataset!r} is a folder; pass n_label (1 for binary masks, "
-                "else the number of classes with background)."
-            )
-        return folder(dataset, n_label, tile=tile, seed=seed, **options)
-    raise ValueError(
-        f"dataset={dataset!r} is neither a built-in dataset {BUILTIN} nor a folder "
-        "holding images/ and masks/."
-    )

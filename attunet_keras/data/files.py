@@ -13,6 +13,7 @@ import os
 import numpy as np
 
 from attunet_keras import _validation
+from attunet_keras import runs
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
 VOLUME_EXTENSIONS = (".nii", ".nii.gz")
@@ -54,9 +55,24 @@ def package_file(package, relative_path):
     )
 
 
-def read_image(path):
+def label_dtype(n_label):
+    """The smallest unsigned integer type that holds labels 0..n_label-1 (uint8 up to
+    256 classes, uint16 up to 65,536, else int32)."""
+    if n_label <= 256:
+        return np.dtype("uint8")
+    return np.dtype("uint16") if n_label <= 65536 else np.dtype("int32")
+
+
+def read_image(path, mask=False):
     """Reads a PNG, JPEG or TIFF file into an array (H, W) or (H, W, C); a NIfTI
-    volume into (X, Y, Z) or (X, Y, Z, C) (`read_volume`)."""
+    volume into (X, Y, Z) or (X, Y, Z, C) (`read_volume`).
+
+    Images are read as their intensities: a palette (mode `P`) image as its colours
+    (gray when every palette entry is gray, else RGB), a transparency channel dropped
+    (`LA` -> gray, `RGBA` -> RGB), a 1-bit image as 0/255. Masks (`mask=True`) are read
+    as labels at their full integer range (16- and 32-bit kept): a palette mask as its
+    indices, and a gray mask with transparency as its gray values.
+    """
     extension = split_name(os.path.basename(path))[1]
     if extension in VOLUME_EXTENSIONS:
         return read_volume(path)[0]
@@ -74,7 +90,7 @@ def read_image(path):
             from PIL import Image
 
             with Image.open(path) as image:
-                array = np.asarray(image)
+                array = np.asarray(_pil_intensities(image, mask))
     except Exception as error:  # any decoder error means the same to the user
         raise ValueError(f"{path}: cannot be read as an image ({error}).") from error
     if array.ndim not in (2, 3) or min(array.shape[:2]) < 1:
@@ -83,6 +99,26 @@ def read_image(path):
         )
     _check_finite(array, path)
     return array
+
+
+def _pil_intensities(image, mask=False):
+    """A PIL image in the mode whose pixels are what `read_image` returns."""
+    mode = image.mode
+    if mode in ("P", "PA"):
+        if mask:
+            return image.convert("P") if mode == "PA" else image
+        return image.convert("L" if _gray_palette(image) else "RGB")
+    if mode == "LA" or (mode == "1" and not mask):
+        return image.convert("L")
+    if mode in ("RGBA", "RGBa") and not mask:
+        return image.convert("RGB")
+    return image
+
+
+def _gray_palette(image):
+    """True when every colour of a palette image's palette is a gray."""
+    palette = np.asarray(image.getpalette() or [], "int64").reshape(-1, 3)
+    return bool(np.all((palette[:, 0] == palette[:, 1]) & (palette[:, 1] == palette[:, 2])))
 
 
 def _check_finite(array, path, what="pixel"):
@@ -254,6 +290,11 @@ def mask_problems(mask, mask_path, n_label, rank=2):
         return [f"{mask_path}: masks must be integer label images; this one is "
                 f"{mask.dtype} (a float mask would be truncated). Save the labels as "
                 "integers (e.g. uint8 PNG or TIFF)."]
+    if n_label > 1 and mask.dtype.kind in "ui" and np.iinfo(mask.dtype).max < n_label - 1:
+        return [f"{mask_path}: a {mask.dtype} mask holds labels up to "
+                f"{np.iinfo(mask.dtype).max}, so classes up to {n_label - 1} "
+                f"(n_label={n_label}) cannot be in it; save the masks with a wider integer "
+                "type (16-bit PNG or TIFF) or pass the n_label they hold."]
     if mask.ndim == rank + 1:
         if not (mask.shape[-1] == 1 or np.all(mask == mask[..., :1])):
             return [f"{mask_path}: a mask must be a single-channel label image; got "
@@ -295,7 +336,8 @@ def volume_mask(mask):
 
 
 def load_pair(image_path, mask_path, n_label):
-    """Decodes one pair: `(normalised float32 (H, W, C) image, uint8 (H, W) labels)`.
+    """Decodes one pair: `(normalised float32 (H, W, C) image, (H, W) labels)`, the
+    labels of `label_dtype(n_label)`.
 
     Raises:
         ValueError: naming the file, when it cannot be read or its mask is not a label
@@ -304,7 +346,7 @@ def load_pair(image_path, mask_path, n_label):
     if is_volume_file(image_path) or is_volume_file(mask_path):
         return _load_volume_pair(image_path, mask_path, n_label)
     image = read_image(image_path)
-    mask = read_image(mask_path)
+    mask = read_image(mask_path, mask=True)
     problems = mask_problems(mask, mask_path, n_label)
     if problems:
         raise ValueError(problems[0])
@@ -313,13 +355,11 @@ def load_pair(image_path, mask_path, n_label):
     size = _size_problem(image, mask, image_path, mask_path)
     if size:
         raise ValueError(size)
-    if n_label == 1 and mask.max() > 1:
-        mask = mask // 255
-    return normalize(image), mask.astype("uint8")
+    return normalize(image), _labels(mask, n_label)
 
 
 def _load_volume_pair(image_path, mask_path, n_label):
-    """`load_pair` for NIfTI volumes: `(float32 (X, Y, Z, C), uint8 (X, Y, Z))`."""
+    """`load_pair` for NIfTI volumes: `(float32 (X, Y, Z, C), labels (X, Y, Z))`."""
     for path in (image_path, mask_path):
         if not is_volume_file(path):
             raise ValueError(f"{path}: a volume's image and mask must both be NIfTI files.")
@@ -335,9 +375,14 @@ def _load_volume_pair(image_path, mask_path, n_label):
                or affine_problem(image_path, image_affine, mask_path, mask_affine))
     if problem:
         raise ValueError(problem)
-    if n_label == 1 and mask.max() > 1:
+    return normalize_volume(image), _labels(mask, n_label)
+
+
+def _labels(mask, n_label):
+    """A checked mask as labels of `label_dtype(n_label)` (0/255 binary masks as 0/1)."""
+    if n_label == 1 and mask.max(initial=0) > 1:
         mask = mask // 255
-    return normalize_volume(image), mask.astype("uint8")
+    return mask.astype(label_dtype(n_label))
 
 
 def read_header(path):
@@ -360,7 +405,7 @@ def read_header(path):
 
         with Image.open(path) as image:
             width, height = image.size
-            return (height, width), len(image.getbands())
+            return (height, width), len(_pil_intensities(image).getbands())
     except Exception as error:  # any decoder error means the same to the user
         raise ValueError(f"{path}: cannot be read as an image ({error}).") from error
 
@@ -368,23 +413,29 @@ def read_header(path):
 class PairCache:
     """Decoded, normalised pairs kept as `.npz` files in a folder, keyed by content.
 
-    An entry's name holds the pair's stem and a hash of both files' absolute paths,
-    sizes and modification times and of `n_label`, so a changed file gets a new key:
-    `prune` removes entries whose files changed or are gone, and a stale entry is
-    never read. Entries are written to a temporary name and renamed, so a killed run
-    leaves no half-written entry.
+    An entry's name holds the pair's stem and a hash of the entry format, both files'
+    absolute paths, sizes and modification times and `n_label`, so a changed file gets
+    a new key: `prune` removes entries whose files changed or are gone, and a stale
+    entry is never read. Entries are written to a temporary name and renamed, so a
+    reader never sees a half-written one; while one process (or thread) decodes an
+    entry it holds that entry's lock (`flock` on `ENTRY.lock`), and another that needs
+    the same entry waits for it instead of decoding it too. An entry in place that
+    cannot be read (cut short, overwritten) is reported with its path, removed and
+    rebuilt from the source files.
     """
 
     SUFFIX = ".pair.npz"
+    FORMAT = 2  # 2: labels of label_dtype(n_label) (1 kept uint8 labels only)
 
-    def __init__(self, folder, n_label):
+    def __init__(self, folder, n_label, say=None):
         self.folder = os.path.abspath(folder)
         self.n_label = n_label
+        self.say = say or _say_on_stderr
         if os.path.exists(self.folder) and not os.path.isdir(self.folder):
             raise ValueError(f"cache {folder} exists and is not a folder.")
 
     def key(self, image_path, mask_path):
-        digest = hashlib.sha1(f"n_label={self.n_label}".encode())
+        digest = hashlib.sha1(f"format={self.FORMAT}|n_label={self.n_label}".encode())
         for path in (image_path, mask_path):
             stat = os.stat(path)
             digest.update(f"|{os.path.abspath(path)}|{stat.st_size}|{stat.st_mtime_ns}"
@@ -394,30 +445,60 @@ class PairCache:
 
     def prune(self, pairs):
         """Removes entries that are not a current key of `pairs`; returns
-        `(entries kept, entries removed)`."""
+        `(entries kept, entries removed)`. Temporary files and locks are left alone:
+        another process may be writing them."""
         os.makedirs(self.folder, exist_ok=True)
         current = {self.key(image, mask) for image, mask in pairs}
         kept = removed = 0
         for name in os.listdir(self.folder):
-            if not name.endswith(self.SUFFIX):
+            if not name.endswith(self.SUFFIX) or name.startswith("."):  # "." : temporary
                 continue
             if name in current:
                 kept += 1
             else:
-                os.remove(os.path.join(self.folder, name))
+                try:
+                    os.remove(os.path.join(self.folder, name))
+                except FileNotFoundError:  # pruned by another process meanwhile
+                    continue
                 removed += 1
         return kept, removed
 
     def load(self, image_path, mask_path):
+        """The pair from its entry, or decoded (and the entry written)."""
         path = os.path.join(self.folder, self.key(image_path, mask_path))
-        if os.path.isfile(path):
+        entry = self._read(path, image_path, mask_path)
+        if entry is not None:
+            return entry
+        with runs.file_lock(path + ".lock", remove=True):
+            entry = self._read(path, image_path, mask_path)  # written while we waited?
+            if entry is not None:
+                return entry
+            image, mask = load_pair(image_path, mask_path, self.n_label)
+            with runs.atomic_path(path, suffix=self.SUFFIX) as temporary:
+                np.savez(temporary, image=image, mask=mask)
+        return image, mask
+
+    def _read(self, path, image_path, mask_path):
+        """The entry at `path`, None when there is none; a broken one is removed."""
+        try:
             with np.load(path) as entry:
                 return entry["image"], entry["mask"]
-        image, mask = load_pair(image_path, mask_path, self.n_label)
-        temporary = f"{path}.{os.getpid()}.{id(image)}.tmp.npz"
-        np.savez(temporary, image=image, mask=mask)
-        os.replace(temporary, path)
-        return image, mask
+        except FileNotFoundError:
+            return None
+        except Exception as error:  # cut short, not a zip, a missing array
+            try:
+                os.remove(path)
+            except FileNotFoundError:
+                pass
+            self.say(f"cache entry {path} cannot be read ({error}); removed, and rebuilt "
+                     f"from {image_path} and {mask_path}.")
+            return None
+
+
+def _say_on_stderr(line):
+    import sys
+
+    print(line, file=sys.stderr, flush=True)
 
 
 def check_folder(path, n_label):
@@ -478,7 +559,8 @@ def check_folder(path, n_label):
 
 def _check_image_pair(image_path, mask_path, n_label, problems):
     """Adds the problems of a 2D pair; returns the image's channel count (or None)."""
-    image, mask = (_read_or_note(file, problems) for file in (image_path, mask_path))
+    image, mask = (_read_or_note(file, problems, is_mask)
+                   for file, is_mask in ((image_path, False), (mask_path, True)))
     if mask is not None:
         problems.extend(mask_problems(mask, mask_path, n_label))
     if image is not None and mask is not None:
@@ -517,9 +599,9 @@ def _check_volume_pair(image_path, mask_path, n_label, problems, notes):
     return None if image is None else (image[0].shape[3] if image[0].ndim == 4 else 1)
 
 
-def _read_or_note(path, problems):
+def _read_or_note(path, problems, mask=False):
     try:
-        return read_image(path)
+        return read_image(path, mask=mask)
     except ValueError as error:
         problems.append(str(error))
         return None

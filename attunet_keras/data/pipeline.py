@@ -25,6 +25,7 @@ import re
 import numpy as np
 
 from attunet_keras import _validation
+from attunet_keras.data.files import label_dtype
 
 FOREGROUND_FRACTION = 0.33
 PATCH_SHUFFLE_BUFFER = 64
@@ -62,6 +63,7 @@ def training_dataset(dataset, batch_size, *, seed=0, data_format="channels_last"
     check_pipeline_arguments(batch_size, patches_per_image, foreground_fraction)
     data_format = _validation.resolve_data_format(data_format)
     tile = dataset.tile_shape
+    labels = tf.as_dtype(label_dtype(dataset.n_label))
     files = tf.data.Dataset.zip((file_order(dataset, seed, patches_per_image, shard),
                                  tf.data.Dataset.random(seed=seed)))
 
@@ -72,7 +74,7 @@ def training_dataset(dataset, batch_size, *, seed=0, data_format="channels_last"
 
     def read(pair, draw):
         images, masks = tf.numpy_function(cut, [pair[0], pair[1], draw],
-                                          [tf.float32, tf.uint8], stateful=False)
+                                          [tf.float32, labels], stateful=False)
         images.set_shape((None,) + tile + (dataset.in_channels,))
         masks.set_shape((None,) + tile)
         return images, masks
@@ -99,13 +101,14 @@ def validation_dataset(dataset, batch_size, *, data_format="channels_last", outp
     _validation.check_int("batch_size", batch_size, 1)
     data_format = _validation.resolve_data_format(data_format)
     tile = dataset.tile_shape
+    labels = tf.as_dtype(label_dtype(dataset.n_label))
 
     def cut(index):
         image, mask = read_item(dataset, int(index))
         return grid_tiles(image, mask, tile)
 
     def read(index):
-        images, masks = tf.numpy_function(cut, [index], [tf.float32, tf.uint8],
+        images, masks = tf.numpy_function(cut, [index], [tf.float32, labels],
                                           stateful=False)
         images.set_shape((None,) + tile + (dataset.in_channels,))
         masks.set_shape((None,) + tile)
@@ -180,7 +183,8 @@ def sample_patches(image, mask, tile, count, foreground_fraction, rng):
     `foreground_fraction` (when the mask has any), else placed uniformly.
 
     Returns:
-        `(images (count, *tile, C) float32, masks (count, *tile) uint8)`.
+        `(images (count, *tile, C) float32, masks (count, *tile))`, the masks of
+        the mask's own integer type.
     """
     tile = tuple(tile)
     pads = [max(0, side - extent) for side, extent in zip(tile, mask.shape)]
@@ -190,7 +194,7 @@ def sample_patches(image, mask, tile, count, foreground_fraction, rng):
     shape = mask.shape
     foreground = None
     images = np.empty((count,) + tile + image.shape[-1:], "float32")
-    masks = np.empty((count,) + tile, "uint8")
+    masks = np.empty((count,) + tile, mask.dtype)
     for patch in range(count):
         centred = rng.random() < foreground_fraction
         if centred and foreground is None:
