@@ -47,3 +47,37 @@ def kill_training_at(command, backup_dir, reached, what, seconds=300, env=None):
     finally:
         process.kill()
         process.wait()
+
+
+def free_size_copy(model, data_format="channels_last"):
+    """The model with free spatial sizes, rebuilt from its config and given its weights
+    here (not through the package's own `inference.fully_convolutional`), so that a
+    served model can be compared with plain Keras."""
+    import keras
+
+    config = model.get_config()
+    channels_first = data_format == "channels_first"
+    for layer in config["layers"]:
+        if layer["class_name"] == "InputLayer":
+            shape = list(layer["config"]["batch_shape"])
+            keep = {0, 1} if channels_first else {0, len(shape) - 1}
+            layer["config"]["batch_shape"] = [side if axis in keep else None
+                                              for axis, side in enumerate(shape)]
+    free = keras.Model.from_config(config)
+    free.set_weights(model.get_weights())
+    return free
+
+
+def reflect_padded_prediction(model, image, multiple, data_format="channels_last"):
+    """`model`'s main output on one (H, W, C) image padded at its bottom and right by
+    NumPy's reflection to multiples of `multiple`, cropped back: what a served model
+    computes, from plain Keras (`free_size_copy`) and NumPy alone."""
+    height, width = image.shape[:2]
+    padded = np.pad(image, [(0, -height % multiple), (0, -width % multiple), (0, 0)],
+                    mode="reflect")
+    batch = padded[None] if data_format == "channels_last" else padded[None].transpose(
+        0, 3, 1, 2)
+    output = free_size_copy(model, data_format).predict(batch, verbose=0)
+    output = output[0] if isinstance(output, (list, tuple)) else output
+    output = output[0] if data_format == "channels_last" else output[0].transpose(1, 2, 0)
+    return output[:height, :width]

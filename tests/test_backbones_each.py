@@ -1,4 +1,5 @@
-"""Every keras.applications backbone builds at 128 and 160, trains, saves and exports.
+"""Every keras.applications backbone builds at 128 and 160, trains, saves and reloads;
+every family exports.
 
 Its own module so that pytest-xdist (make test: --dist loadfile) runs it beside the
 other backbone tests: it is the slowest file of the suite (about 5 minutes on 2 cores).
@@ -11,6 +12,12 @@ import pytest
 from attunet_keras import backbones
 from attunet_keras import export
 from attunet_keras import models
+
+
+# EfficientNetB1-B3 are B0's blocks at other widths and depths: B0 stands for the
+# family's export (each export costs about 15 s of tracing on 2 cores), so they are
+# not exported.
+NOT_EXPORTED = ("efficientnetb1", "efficientnetb2", "efficientnetb3")
 
 
 def _model(backbone, size=128, **options):
@@ -39,6 +46,8 @@ def test_every_backbone_builds_trains_saves_reloads_and_exports(backbone, tmp_pa
     expected = model.predict(images, verbose=0)
     np.testing.assert_allclose(reloaded.predict(images, verbose=0), expected, atol=1e-5)
 
+    if backbone in NOT_EXPORTED:
+        return
     # export_model reloads the SavedModel and compares it with Keras on `images`
     assert export.export_model(model, tmp_path / "saved", sample=images) <= 1e-5
     assert (tmp_path / "saved" / "1" / "saved_model.pb").is_file()

@@ -4,6 +4,7 @@ import keras
 import numpy as np
 import pytest
 
+from attunet_keras import data
 from attunet_keras import inference
 from attunet_keras import models
 
@@ -114,9 +115,9 @@ def test_attention_by_one_window_the_size_of_the_image_equals_attention_maps(dat
 
 
 def test_attention_by_windows_covers_a_large_image_on_each_gate_s_grid():
-    """A 100x72 image in 32x32 windows (depth 2): padded to 100 -> 104 rows, the
-    prediction cropped back to 100x72 and the gates to their grids (100/2, 72/2 and
-    100/1, 72/1), every value a blend of coefficients in [0, 1]."""
+    """A 100x72 image in 32x32 windows (depth 2): the prediction and the gates on
+    their grids (100/2, 72/2 and 100/1, 72/1), every value the blend of the windows
+    that cover it, each window computed here on its own."""
     model = models.att_unet(None, None, 1, depth=2, features=4,
                             data_format="channels_last", in_channels=1)
     image = np.random.default_rng(2).random((100, 72), dtype="float32")
@@ -126,6 +127,32 @@ def test_attention_by_windows_covers_a_large_image_on_each_gate_s_grid():
     assert sorted(gate.shape for gate in gates.values()) == [(50, 36), (100, 72)]
     for gate in gates.values():
         assert np.isfinite(gate).all() and 0.0 <= gate.min() and gate.max() <= 1.0
-    # the blend stays close to the whole image's prediction (windows see less context)
-    whole = inference.predict_probabilities(model, image)
-    assert np.abs(probabilities - whole).mean() < 0.05
+    # Each window by itself (the image is normalised once, as the windows see it):
+    # starts 24 apart (32 * (1 - 0.25)) on multiples of 4, the last flush with the edge.
+    normalized = data.normalize(image)
+    rows, columns = [0, 24, 48, 68], [0, 24, 40]
+    windows = {}
+    for y in rows:
+        for x in columns:
+            windows[(y, x)] = inference.attention_maps(
+                model, normalized[y:y + 32, x:x + 32], normalized=True)
+    outputs = {"probabilities": (probabilities[..., 0], 1)}
+    outputs.update({name: (gate, 100 // gate.shape[0]) for name, gate in gates.items()})
+    for name, (blended, factor) in outputs.items():
+        covering = np.zeros(blended.shape, int)
+        low = np.full(blended.shape, np.inf)
+        high = np.full(blended.shape, -np.inf)
+        for (y, x), (window_probabilities, window_gates) in windows.items():
+            own = (window_probabilities[..., 0] if name == "probabilities"
+                   else window_gates[name])
+            where = (slice(y // factor, (y + 32) // factor), slice(x // factor, (x + 32) // factor))
+            covering[where] += 1
+            low[where] = np.minimum(low[where], own)
+            high[where] = np.maximum(high[where], own)
+        one = covering == 1
+        assert one.any() and (covering >= 1).all()
+        # where one window covers a pixel the blend is that window's value; elsewhere a
+        # weighted mean of the windows' values, so between their least and greatest
+        np.testing.assert_allclose(blended[one], low[one], atol=1e-5, err_msg=name)
+        assert (blended >= low - 1e-5).all() and (blended <= high + 1e-5).all(), name
+        assert (high - low)[~one].max() > 1e-3  # the windows do differ where they overlap
