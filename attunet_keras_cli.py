@@ -39,7 +39,7 @@ TRAIN_DEFAULTS = types.SimpleNamespace(
     features=16, tile=None, data_format="channels_last", backup_every=5, dropout=0.2,
     upsampling="nearest", gate="additive", strategy="auto", precision="float32",
     jit_compile="auto", cluster_timeout=300, freeze_epochs=0, foreground_fraction=0.33,
-    val_fraction=0.2,
+    val_fraction=0.2, val_batches=50,
 )
 
 
@@ -404,6 +404,13 @@ def _add_train_parser(commands):
                        metavar="F",
                        help="share of a folder dataset's files held out, drawn with --seed "
                             f"and recorded in config.json (default: {defaults.val_fraction})")
+    train.add_argument("--val-batches", type=_positive_int, default=defaults.val_batches,
+                       metavar="N",
+                       help="batches of held-out patches behind every epoch's val_dice and "
+                            "the choice of best.keras: the held-out images' tiles when "
+                            "they hold no more, else N batches drawn once with --seed; "
+                            "the whole held-out images are scored at the end "
+                            f"(default: {defaults.val_batches})")
     train.add_argument("--cache", default=None, metavar="DIR",
                        help="keep decoded, normalised pairs of a folder dataset in DIR so "
                             "later epochs skip decoding; entries of changed files are "

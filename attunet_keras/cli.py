@@ -200,7 +200,7 @@ def _train(args):
         depth=args.depth, features=args.features, tile=args.tile, dims=args.dims,
         patches_per_image=args.patches_per_image,
         foreground_fraction=args.foreground_fraction, cache=args.cache,
-        val_fraction=args.val_fraction,
+        val_fraction=args.val_fraction, val_batches=args.val_batches,
         data_format=args.data_format, n_label=args.n_label,
         backup_every=args.backup_every, dropout=args.dropout,
         batch_norm=args.batch_norm, upsampling=args.upsampling, gate=args.gate,

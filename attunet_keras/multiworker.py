@@ -245,6 +245,8 @@ def _run(config, output, resuming, dataset, strategy, global_batch, steps, chief
             lambda tensor: tensor[start:start + per_replica], (images, targets)))
 
     iterator = iter(strategy.distribute_datasets_from_function(dataset_fn))
+    # Every worker validates on the same fixed held-out batches as a fit run does.
+    val_data = training.validation_data(config, dataset, global_batch, outputs)
 
     @tf.function
     def train_step(iterator):
@@ -280,7 +282,7 @@ def _run(config, output, resuming, dataset, strategy, global_batch, steps, chief
             losses.append(loss)
             if chief and (step_index + 1) % config.backup_every == 0:
                 training.save_backup(model, backup_dir, epoch, step_index + 1)
-        scores = training.evaluate_model(model, dataset, config)["model"]
+        scores = training.validation_scores(model, val_data, dataset, config)
         row = {"epoch": epoch, "loss": float(np.mean(losses))}
         row.update({f"val_{name}": value for name, value in scores.items()})
         say(f"Epoch {epoch + 1}/{config.epochs} - loss {row['loss']:.4f} - "

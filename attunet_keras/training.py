@@ -173,6 +173,10 @@ class TrainConfig:
         foreground_fraction: float. Share of the patches centred on a labelled pixel.
         cache: str or None. A folder for decoded, normalised pairs of a folder dataset.
         val_fraction: float. Share of a folder dataset's files held out.
+        val_batches: int. Batches of held-out patches behind every epoch's
+            `val_dice` (and the choice of `best.keras`): the held-out images' tiles
+            when they hold no more, else a fixed seeded draw of patches
+            (`data.validation_dataset`), so validation does not grow with the data.
         val_files: list of str or None. The held-out files of a folder dataset; drawn
             with `seed` when the run starts and recorded, so a resumed run and
             `evaluate` use the same files.
@@ -208,6 +212,7 @@ class TrainConfig:
     foreground_fraction: float = data_lib.FOREGROUND_FRACTION
     cache: str = None
     val_fraction: float = 0.2
+    val_batches: int = data_lib.VAL_BATCHES
     val_files: list = None
     data_format: str = "channels_last"
     n_label: int = None
@@ -226,7 +231,8 @@ class TrainConfig:
 
     def validate(self):
         """Checks every setting; raises one ValueError naming the first bad one."""
-        for name in ("epochs", "batch_size", "depth", "features", "backup_every"):
+        for name in ("epochs", "batch_size", "depth", "features", "backup_every",
+                     "val_batches"):
             _validation.check_int(name, getattr(self, name), 1)
         if self.tile is not None:
             _validation.check_int("tile", self.tile, 1)
@@ -506,8 +512,7 @@ def _fit(config, output, resuming, dataset, strategy, global_batch, steps, jit_c
         dataset, global_batch, seed=config.seed, data_format=config.data_format,
         outputs=outputs, patches_per_image=config.patches_per_image,
         foreground_fraction=config.foreground_fraction)
-    val_data = data_lib.validation_dataset(
-        dataset, global_batch, data_format=config.data_format, outputs=outputs)
+    val_data = validation_data(config, dataset, global_batch, outputs)
     monitor = monitor_name(model)
 
     resumed_epoch = restore_backup(model, backup_dir) if resuming else 0
@@ -564,6 +569,28 @@ def _fit(config, output, resuming, dataset, strategy, global_batch, steps, jit_c
     runs.write_json(os.path.join(output, RESULT_FILE), result)
     shutil.rmtree(backup_dir, ignore_errors=True)
     return result
+
+
+def validation_data(config, dataset, global_batch, outputs=1):
+    """The held-out batches every epoch of the run is validated on (both loops)."""
+    return data_lib.validation_dataset(
+        dataset, global_batch, data_format=config.data_format, outputs=outputs,
+        batches=config.val_batches, seed=config.seed)
+
+
+def validation_scores(model, val_data, dataset, config):
+    """Dice and IoU (and per class) of the model's main output on `val_data`: what
+    `fit` logs as `val_dice`, ... from the compiled metrics on the same batches (the
+    multi-worker loop's per-epoch validation)."""
+    metrics = metrics_lib.segmentation_metrics(dataset.n_label, dataset.class_names,
+                                               config.data_format)
+    for images, targets in val_data:
+        outputs = model(images, training=False)
+        main = outputs[0] if isinstance(outputs, (list, tuple)) else outputs
+        truth = targets[0] if isinstance(targets, (list, tuple)) else targets
+        for metric in metrics:
+            metric.update_state(truth, main)
+    return {metric.name: float(metric.result()) for metric in metrics}
 
 
 def describe_dataset(dataset, config, say=print):
@@ -671,9 +698,11 @@ def check_output(config, output, overwrite):
     # The held-out files are recorded when a run starts, not given again to resume it.
     if current.get("val_files") is None:
         current.pop("val_files")
+    # A setting an older run did not record had its default then.
+    defaults = {field.name: field.default for field in dataclasses.fields(TrainConfig)}
     differences = [
-        f"{key}: {previous.get(key)!r} -> {current[key]!r}"
-        for key in current if previous.get(key) != current[key]
+        f"{key}: {previous.get(key, defaults.get(key))!r} -> {current[key]!r}"
+        for key in current if previous.get(key, defaults.get(key)) != current[key]
     ]
     if differences:
         raise ValueError(

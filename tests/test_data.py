@@ -621,3 +621,37 @@ def test_a_broken_cache_entry_is_reported_removed_and_rebuilt(tmp_path):
     for pair in pairs:
         again.load(*pair)
     assert said == [] and sorted(os.listdir(cache)) == names
+
+
+def test_validation_is_bounded_and_the_same_every_epoch(tmp_path, monkeypatch):
+    """Held-out images that hold more tiles than the budget: a fixed draw of
+    `batches * batch_size` patches, each image read once, seeded."""
+    for index in range(6):
+        _write_pair(str(tmp_path), f"img{index}", *_random_pair(seed=index))
+    dataset = data.folder(str(tmp_path), n_label=2, tile=32, val_fraction=0.5)
+    assert len(dataset.val) == 3  # 3 held-out 64x64 images: 12 tiles of 32x32
+    reads = []
+    read = data.pipeline.read_item
+    monkeypatch.setattr(data.pipeline, "read_item",
+                        lambda dataset, index: reads.append(index) or read(dataset, index))
+    batches = data.validation_dataset(dataset, 2, batches=2, seed=4)  # 4 patches
+    assert sorted(reads) == sorted(dataset.val)  # each held-out image once, up front
+    epochs = [[(x.numpy(), y.numpy()) for x, y in batches] for _ in range(2)]
+    assert len(reads) == 3  # and never again
+    assert [x.shape for x, _ in epochs[0]] == [(2, 32, 32, 1)] * 2
+    for (x0, y0), (x1, y1) in zip(*epochs):
+        np.testing.assert_array_equal(x0, x1)
+        np.testing.assert_array_equal(y0, y1)
+    again = [x.numpy() for x, _ in data.validation_dataset(dataset, 2, batches=2, seed=4)]
+    np.testing.assert_array_equal(np.concatenate(again), np.concatenate(
+        [x for x, _ in epochs[0]]))
+    other = [x.numpy() for x, _ in data.validation_dataset(dataset, 2, batches=2, seed=5)]
+    assert not np.array_equal(np.concatenate(other), np.concatenate(again))
+    # Within the budget the held-out images are cut into their tiles, as before.
+    tiles = [x.numpy() for x, _ in data.validation_dataset(dataset, 2, batches=6)]
+    assert np.concatenate(tiles).shape == (12, 32, 32, 1)
+    # the patches are the images' own pixels: each one appears in some held-out image
+    images = [dataset.read(index)[0] for index in dataset.val]
+    for patch in np.concatenate(again):
+        assert any(np.array_equal(patch, image[y:y + 32, x:x + 32])
+                   for image in images for y in range(33) for x in range(33))

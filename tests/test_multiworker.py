@@ -95,8 +95,8 @@ def test_two_workers_end_with_the_weights_of_one_process(tmp_path):
 
 
 def test_each_worker_reads_its_own_share_of_the_training_files(tmp_path):
-    """A folder of 10 pairs (2 held out): the two workers' reads, logged by the
-    pipeline, are disjoint and together every training file."""
+    """A folder of 10 pairs (2 held out): the two workers' reads of training files,
+    logged by the pipeline, are disjoint and together every training file."""
     from PIL import Image
 
     dataset = tmp_path / "set"
@@ -126,7 +126,11 @@ def test_each_worker_reads_its_own_share_of_the_training_files(tmp_path):
         pid, name = line.split("\t")
         read.setdefault(pid, set()).add(name)
     assert len(read) == 2  # two worker processes
-    first, second = read.values()
+    # Each worker validates on the same held-out files (the run's fixed validation
+    # batches); of the training files, each reads its own share.
+    held_out = set(config.val_files)
+    assert all(names & held_out == held_out for names in read.values())
+    first, second = (names - held_out for names in read.values())
     assert not first & second
     assert first | second == training_files
 

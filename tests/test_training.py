@@ -556,3 +556,17 @@ def test_two_runs_share_one_cache_at_once(tmp_path):
     for name in names:
         with np.load(tmp_path / "cache" / name) as entry:
             assert entry["image"].shape == (64, 64, 1) and entry["mask"].shape == (64, 64)
+
+
+def test_the_multiworker_validation_equals_fit_s_on_the_same_batches(tmp_path):
+    """Both loops validate each epoch on `validation_data`: the multi-worker loop's
+    `validation_scores` are fit's compiled metrics on those batches."""
+    config = _tiny_config(tmp_path, val_batches=1, n_label=None)
+    dataset = data.nuclei(tile=64)
+    model = training.build_model(config, dataset)
+    val_data = training.validation_data(config, dataset, 4)
+    evaluated = model.evaluate(val_data, return_dict=True, verbose=0)
+    scores = training.validation_scores(model, val_data, dataset, config)
+    assert scores["dice"] == pytest.approx(evaluated["dice"], abs=1e-6)
+    assert scores["iou"] == pytest.approx(evaluated["iou"], abs=1e-6)
+    assert sum(x.shape[0] for x, _ in val_data) == 4  # 1 batch of 4, not the 16 tiles

@@ -37,6 +37,8 @@ from attunet_keras.data.files import read_header
 from attunet_keras.data.files import read_image
 from attunet_keras.data.files import read_volume
 from attunet_keras.data.pipeline import FOREGROUND_FRACTION
+from attunet_keras.data.pipeline import VAL_BATCHES
+from attunet_keras.data.pipeline import fixed_patches
 from attunet_keras.data.pipeline import grid_tiles
 from attunet_keras.data.pipeline import read_failure
 from attunet_keras.data.pipeline import sample_patches

@@ -8,8 +8,9 @@ and target are augmented together (flips, and 90-degree rotations on square tile
 -> batched -> prefetched. Only a few images and a small buffer of patches are in
 memory at any time, however many files the dataset has.
 
-Validation: every held-out image, padded by reflection to multiples of the tile and
-cut into non-overlapping tiles, once, in order.
+Validation: a bounded set of held-out batches, the same every epoch: the held-out
+images cut into non-overlapping tiles when they hold at most `--val-batches` batches
+of them, else that many batches of patches drawn once (`validation_dataset`).
 
 Reading goes through one Python reader per format (PIL, tifffile, nibabel) inside
 `tf.numpy_function`: the decoders release the GIL, the per-file checks are those of
@@ -28,6 +29,8 @@ from attunet_keras import _validation
 from attunet_keras.data.files import label_dtype
 
 FOREGROUND_FRACTION = 0.33
+# Batches of held-out patches validated per epoch, at most (nnU-Net validates 50).
+VAL_BATCHES = 50
 PATCH_SHUFFLE_BUFFER = 64
 # An environment variable naming a file: every read appends "<pid>\t<item name>" to it
 # (a diagnostic of which worker read which file).
@@ -90,40 +93,74 @@ def training_dataset(dataset, batch_size, *, seed=0, data_format="channels_last"
     return _finish(patches.batch(batch_size, drop_remainder=True), data_format, outputs)
 
 
-def validation_dataset(dataset, batch_size, *, data_format="channels_last", outputs=1):
-    """Batches of the held-out images, each cut into non-overlapping tiles.
+def validation_dataset(dataset, batch_size, *, data_format="channels_last", outputs=1,
+                       batches=None, seed=0):
+    """The held-out batches of the per-epoch validation: the same every epoch.
 
-    An image is padded by reflection at its bottom and right to multiples of the tile
-    (`grid_tiles`); read once, in order.
+    When the held-out images hold at most `batches` batches of non-overlapping tiles
+    (or `batches` is None), they are cut into those tiles (padded by reflection at
+    their bottom and right, `grid_tiles`) and read once per epoch, in order. Otherwise
+    `batches * batch_size` patches are drawn once, with `seed`, as training draws them
+    (a `FOREGROUND_FRACTION` share centred on labelled pixels), from as few held-out
+    images as give that many (each read once), and kept in memory: validation then
+    costs the same at 400 held-out images as at 40 (nnU-Net validates a fixed 50
+    batches of patches per epoch). The whole held-out images are scored at the end of
+    a run, and by `evaluate`, by sliding windows.
     """
     import tensorflow as tf
 
     _validation.check_int("batch_size", batch_size, 1)
+    if batches is not None:
+        _validation.check_int("batches", batches, 1)
     data_format = _validation.resolve_data_format(data_format)
     tile = dataset.tile_shape
     labels = tf.as_dtype(label_dtype(dataset.n_label))
-
-    def cut(index):
-        image, mask = read_item(dataset, int(index))
-        return grid_tiles(image, mask, tile)
-
-    def read(index):
-        images, masks = tf.numpy_function(cut, [index], [tf.float32, labels],
-                                          stateful=False)
-        images.set_shape((None,) + tile + (dataset.in_channels,))
-        masks.set_shape((None,) + tile)
-        return images, masks
-
-    tiles = tf.data.Dataset.from_tensor_slices(np.asarray(dataset.val, "int64"))
-    tiles = tiles.map(read, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    tiles = tiles.unbatch().map(lambda image, mask: (image, _targets(mask, dataset.n_label)))
-    # The count of tiles follows from the items' sizes; stating it lets Keras know
-    # where an epoch of validation ends.
     count = sum(int(np.prod([-(-extent // side) for extent, side in
                              zip(dataset.items[index].shape, tile)])) for index in dataset.val)
-    batches = tiles.batch(batch_size).apply(
+    if batches is not None and count > batches * batch_size:
+        images, masks = fixed_patches(dataset, batches * batch_size, seed)
+        tiles = tf.data.Dataset.from_tensor_slices((images, masks))
+        count = len(images)
+    else:
+        def cut(index):
+            image, mask = read_item(dataset, int(index))
+            return grid_tiles(image, mask, tile)
+
+        def read(index):
+            images, masks = tf.numpy_function(cut, [index], [tf.float32, labels],
+                                              stateful=False)
+            images.set_shape((None,) + tile + (dataset.in_channels,))
+            masks.set_shape((None,) + tile)
+            return images, masks
+
+        tiles = tf.data.Dataset.from_tensor_slices(np.asarray(dataset.val, "int64"))
+        tiles = tiles.map(read, num_parallel_calls=tf.data.AUTOTUNE,
+                          deterministic=True).unbatch()
+    tiles = tiles.map(lambda image, mask: (image, _targets(mask, dataset.n_label)))
+    # The count of tiles follows from the items' sizes; stating it lets Keras know
+    # where an epoch of validation ends.
+    batched = tiles.batch(batch_size).apply(
         tf.data.experimental.assert_cardinality(-(-count // batch_size)))
-    return _finish(batches, data_format, outputs)
+    return _finish(batched, data_format, outputs)
+
+
+def fixed_patches(dataset, count, seed=0):
+    """`count` patches of the held-out images, drawn once with `seed`: `(images (count,
+    *tile, C) float32, masks (count, *tile))`. The images are taken in a seeded order,
+    each read once, and give an equal share of the patches (a third centred on
+    labelled pixels), so no more images are read than `count` needs."""
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(np.asarray(dataset.val, "int64"))[:count]
+    shares = np.full(len(order), count // len(order))
+    shares[:count % len(order)] += 1
+    images, masks = [], []
+    for index, share in zip(order, shares):
+        image, mask = read_item(dataset, int(index))
+        patches = sample_patches(image, mask, dataset.tile_shape, int(share),
+                                 FOREGROUND_FRACTION, rng)
+        images.append(patches[0])
+        masks.append(patches[1])
+    return np.concatenate(images), np.concatenate(masks)
 
 
 def file_order(dataset, seed=0, patches_per_image=None, shard=None):
