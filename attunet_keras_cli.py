@@ -5,7 +5,7 @@ custom objects, which takes seconds. This module stands outside the package so t
 `attunet-keras --help` and every argument error answer at once, and so that
 TensorFlow's C++ logging can be set before TensorFlow starts: `TF_CPP_MIN_LOG_LEVEL`
 defaults to 2 here (errors only; set it in the environment to see more). Once the
-arguments are parsed, `attunet_keras.cli` runs the command.
+arguments are parsed, `attunet_keras.commands` runs the command.
 
 TensorFlow's start-up lines (absl's "All log messages before absl::InitializeLog()",
 oneDNN's and the CUDA stub's notices) are printed by its C++ libraries while they
@@ -485,11 +485,12 @@ _STARTUP_NOTICES = (
 
 
 def _import_commands(quiet):
-    """Imports `attunet_keras.cli` (and TensorFlow); with `quiet`, drops TF's notices."""
+    """Imports `attunet_keras.commands` (and TensorFlow); with `quiet`, drops TF's
+    notices."""
     if not quiet or "tensorflow" in sys.modules:
-        from attunet_keras import cli
+        from attunet_keras import commands
 
-        return cli
+        return commands
     import tempfile
 
     sys.stderr.flush()
@@ -501,7 +502,7 @@ def _import_commands(quiet):
             # data pipeline (tf.data) does, later: import it here, quietly, for all.
             import tensorflow  # noqa: F401
 
-            from attunet_keras import cli
+            from attunet_keras import commands
         finally:
             sys.stderr.flush()
             os.dup2(saved, 2)
@@ -510,7 +511,7 @@ def _import_commands(quiet):
             lines = capture.read().decode(errors="replace").splitlines(keepends=True)
             sys.stderr.write("".join(line for line in lines
                                      if not any(n in line for n in _STARTUP_NOTICES)))
-    return cli
+    return commands
 
 
 def main(argv=None):

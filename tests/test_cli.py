@@ -12,6 +12,7 @@ import pytest
 from PIL import Image
 
 from attunet_keras import cli
+from attunet_keras import commands
 
 TINY = ["--img-w", "32", "--img-h", "32", "--depth", "2", "--features", "4"]
 
@@ -103,7 +104,7 @@ def test_bad_arguments_exit_2_with_one_clear_message(argv, message, capsys, tmp_
 def test_existing_output_is_refused_before_building(tmp_path, capsys, monkeypatch):
     output = tmp_path / "saved"
     output.mkdir()
-    monkeypatch.setattr(cli, "_load_or_build", lambda args: pytest.fail("built"))
+    monkeypatch.setattr(commands, "_load_or_build", lambda args: pytest.fail("built"))
     with pytest.raises(SystemExit) as exit_info:
         cli.main(["export", "--output", str(output)])
     assert exit_info.value.code == 2
@@ -563,7 +564,7 @@ def test_a_3d_model_given_an_image_says_what_it_takes(tmp_path, capsys):
 
 def test_attention_into_a_missing_folder_is_refused_before_any_work(tiny_run, tmp_path,
                                                                     capsys, monkeypatch):
-    monkeypatch.setattr(cli, "_checked_model", lambda args: pytest.fail("computed"))
+    monkeypatch.setattr(commands, "_checked_model", lambda args: pytest.fail("computed"))
     with pytest.raises(SystemExit) as exit_info:
         cli.main(["attention", "--run", str(tiny_run), "--output",
                   str(tmp_path / "missing" / "x.png")])
@@ -586,8 +587,8 @@ def test_an_unknown_keras_backend_is_one_line_and_exit_2():
 def test_the_hd95_footnote_names_the_units_of_volumes(capsys):
     result = {"dataset": "v", "held_out_images": 2, "dims": 3, "otsu": None,
               "model": {"dice": 0.5, "iou": 0.3, "hd95": 2.0}}
-    cli._print_scores(result)
+    commands._print_scores(result)
     text = capsys.readouterr().out
     assert "in the voxel spacing's units" in text and "pixels" not in text
-    cli._print_scores(dict(result, dims=2))
+    commands._print_scores(dict(result, dims=2))
     assert "distance in pixels" in capsys.readouterr().out

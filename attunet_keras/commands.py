@@ -1,0 +1,523 @@
+"""The bodies of the `attunet-keras` commands: inspect, train, evaluate, predict, export.
+
+The parser lives in the top-level module `attunet_keras_cli` (the console script),
+which parses the arguments before TensorFlow loads and then calls `run` here with the
+parsed command. This module imports neither the parser nor `attunet_keras.cli`, so the
+imports run one way: `attunet_keras.cli` -> `attunet_keras_cli` -> this module.
+"""
+
+import json
+import os
+
+from attunet_keras import runs
+
+
+def run(parser, args):
+    """Runs a parsed command; every expected failure exits 2 with one line.
+
+    The exit happens outside the `except` block, after a garbage collection: an error
+    from inside `fit` references its `tf.data` iterators, and one still alive when
+    Python exits hangs the process (`training.stop_on_read_failure` says why).
+    """
+    try:
+        return _COMMANDS[args.command](args)
+    except (ValueError, FileExistsError, FileNotFoundError, RuntimeError) as error:
+        message = f"attunet-keras {args.command}: error: {error}\n"
+    except OSError as error:  # read-only folders, full disks, ...
+        where = f" {error.filename}" if error.filename else ""
+        message = (f"attunet-keras {args.command}: error: cannot write or read{where}: "
+                   f"{error.strerror or error}\n")
+    import gc
+
+    gc.collect()
+    parser.exit(2, message)
+
+
+def _check_output(args, extensions=None):
+    """Refuses to replace an existing output, or to write an unknown file type."""
+    output = args.output
+    if os.path.lexists(output) and not args.overwrite:
+        raise FileExistsError(
+            f"{output} already exists; choose another path or pass --overwrite."
+        )
+    if os.path.isdir(output):
+        raise FileExistsError(
+            f"{output} is a folder; --overwrite only replaces a file. Choose a file path."
+        )
+    folder = os.path.dirname(os.path.abspath(output))
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(
+            f"--output {output}: the folder {os.path.dirname(output) or folder} does not "
+            "exist; create it first.")
+    if extensions:
+        extension = os.path.splitext(output)[1].lower()
+        if extension not in extensions:
+            raise ValueError(
+                f"--output {output!r} has extension {extension!r}; expected one of "
+                f"{', '.join(extensions)}."
+            )
+
+
+def _load_or_build(args):
+    if args.run:
+        from attunet_keras import training
+
+        return training.load_run_model(args.run)
+    if args.model:
+        from attunet_keras import inference
+
+        return inference.load_model(args.model)
+
+    from attunet_keras import models
+
+    return models.att_unet(
+        args.img_w, args.img_h, args.n_label, depth=args.depth,
+        features=args.features, data_format=args.data_format,
+        in_channels=args.in_channels,
+    )
+
+
+def _summary(args):
+    model = _load_or_build(args)
+    model.summary(line_length=args.line_length)
+    print(f"Parameters: {model.count_params():,}")
+    return 0
+
+
+def _plot(args):
+    import keras
+
+    _check_output(args, (".png", ".svg", ".pdf", ".dot", ".jpg", ".jpeg"))
+    model = _load_or_build(args)
+
+    def draw(splines):
+        # What plot_model does, without its IPython display step, which fails for
+        # .svg and .dot files whenever IPython is installed.
+        graph = keras.utils.model_to_dot(
+            model, show_shapes=True, show_layer_names=True, rankdir=args.rankdir,
+            dpi=args.dpi, splines=splines,
+        )
+        graph.write(args.output, format=os.path.splitext(args.output)[1][1:].lower())
+
+    try:
+        draw(args.splines)
+    except AssertionError:
+        # pydot raises AssertionError when `dot` fails. Graphviz's orthogonal router
+        # aborts on some graphs ("maze.c: chkSgraph"); polyline edges always route.
+        if args.splines != "ortho":
+            raise
+        print("Graphviz's orthogonal edge router failed on this graph; "
+              "drawing it with --splines polyline instead.")
+        draw("polyline")
+    if not os.path.isfile(args.output):
+        raise FileNotFoundError(
+            f"plot_model wrote no {args.output}; is Graphviz's 'dot' installed "
+            "(Debian: apt-get install graphviz)?"
+        )
+    print(f"Wrote {args.output}")
+    return 0
+
+
+def _export(args):
+    from attunet_keras import export
+    from attunet_keras import inference
+
+    export.check_backend(args.format)
+    extensions = {"onnx": (".onnx",), "litert": (".tflite",)}.get(args.format)
+    if extensions and os.path.splitext(args.output)[1].lower() not in extensions:
+        raise ValueError(f"--output {args.output!r}: a {args.format} export is a "
+                         f"{extensions[0]} file.")
+    export.check_target(args.output, args.format, args.overwrite)
+    if args.quantize and args.format != "litert":
+        raise ValueError("--quantize int8 applies to --format litert only.")
+    if args.quantize and not args.run:
+        raise ValueError(
+            "--quantize int8 needs --run DIR: the run's training patches calibrate it."
+        )
+    model = _load_or_build(args)
+    sample = _check_batch(model, args.seed)
+    representative = _representative_images(args) if args.quantize else None
+    max_diff = export.export_model(
+        model, args.output, format=args.format, quantize=args.quantize,
+        representative=representative, sample=sample, threshold=args.threshold,
+        overwrite=args.overwrite,
+    )
+    what = {"savedmodel": "SavedModel (signatures probabilities, mask)",
+            "onnx": "ONNX model", "litert": "LiteRT model"}[args.format]
+    if args.format == "litert":
+        shape = (1,) + tuple(model.inputs[0].shape[1:])
+        size = f"static input {shape} float32 (LiteRT has static shapes)"
+    elif inference.needs_static_sizes(model):
+        size = (f"input {tuple(model.inputs[0].shape)} float32: bilinear up-sampling "
+                "needs the model's own size")
+    else:
+        channels = inference.input_channels(model)
+        size = (f"input any batch and size with {channels} channel(s) float32, padded "
+                f"to multiples of {inference.size_multiple(model)} and cropped "
+                "back in the graph")
+    outputs = len(model.outputs)
+    main_only = f"; main output of {outputs}" if outputs > 1 else ""
+    print(f"Wrote {what} {args.output} ({size}{', int8' if args.quantize else ''}"
+          f"{main_only})")
+    if max_diff is not None:
+        print(f"Reloaded and checked on a batch of {sample.shape}: "
+              f"max |export - keras| = {max_diff:.3g}")
+    elif args.quantize:
+        print("int8 outputs differ from float32 by design; benchmarks/deploy.py "
+              "measures the Dice it keeps.")
+    return 0
+
+
+def _representative_images(args, count=64):
+    """`count` random training patches of the run, in the model's layout."""
+    from attunet_keras import data
+    from attunet_keras import training
+
+    config = training.read_config(args.run)
+    batches = data.training_dataset(
+        training.load_data(config), count, seed=args.seed, data_format=config.data_format,
+        patches_per_image=config.patches_per_image,
+        foreground_fraction=config.foreground_fraction)
+    return next(iter(batches))[0].numpy()
+
+
+def _train(args):
+    from attunet_keras import distribute
+    from attunet_keras import training
+
+    config = training.TrainConfig(
+        dataset=args.dataset, output=args.output, epochs=args.epochs,
+        steps_per_epoch=args.steps_per_epoch, batch_size=args.batch_size,
+        learning_rate=args.learning_rate, loss=args.loss, seed=args.seed,
+        depth=args.depth, features=args.features, tile=args.tile, dims=args.dims,
+        patches_per_image=args.patches_per_image,
+        foreground_fraction=args.foreground_fraction, cache=args.cache,
+        val_fraction=args.val_fraction, val_batches=args.val_batches,
+        data_format=args.data_format, n_label=args.n_label,
+        backup_every=args.backup_every, dropout=args.dropout,
+        batch_norm=args.batch_norm, upsampling=args.upsampling, gate=args.gate,
+        deep_supervision=args.deep_supervision, backbone=args.backbone,
+        backbone_weights=args.backbone_weights, freeze_epochs=args.freeze_epochs,
+        strategy=args.strategy,
+        precision=args.precision, jit_compile=args.jit_compile,
+    )
+    config.validate()
+    if args.cpu_devices is not None:
+        distribute.split_cpu(args.cpu_devices)
+    verbose = args.verbose if args.verbose == "auto" else int(args.verbose)
+    if config.strategy == "multiworker":
+        from attunet_keras import multiworker
+
+        result = multiworker.train(config, overwrite=args.overwrite, verbose=verbose,
+                                   cluster_timeout=args.cluster_timeout)
+    else:
+        result = training.train(config, overwrite=args.overwrite, verbose=verbose)
+    _print_scores(result)
+    return 0
+
+
+def _evaluate(args):
+    from attunet_keras import training
+
+    model = None
+    if args.model:
+        from attunet_keras import inference
+
+        model = inference.load_model(args.model)
+    result = training.evaluate_run(args.run, model=model)
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        _print_scores(result)
+    return 0
+
+
+def _print_scores(result):
+    count = result["held_out_images"]
+    print(f"Held-out scores on {result['dataset']} ({count} whole image"
+          f"{'' if count == 1 else 's'}):")
+    print(f"  {'metric':<24}{'att_unet':>10}{'Otsu':>10}")
+    otsu = result["otsu"] or {}
+    for name, value in result["model"].items():
+        baseline = f"{otsu[name]:>10.4f}" if name in otsu else f"{'n/a':>10}"
+        print(f"  {name:<24}{value:>10.4f}{baseline}")
+    if "hd95" in result["model"]:
+        volumes = result.get("dims") == 3
+        unit = "the voxel spacing's units (mm in most NIfTI files)" if volumes else "pixels"
+        print(f"  (hd95: 95th percentile Hausdorff distance in {unit}, mean over the "
+              f"held-out {'volumes' if volumes else 'images'}; lower is better)")
+    if result.get("otsu_note"):
+        print(f"  ({result['otsu_note']})")
+
+
+def _input_names(args):
+    """`(name, path)` of every input image, checked before any work; None for a run's
+    held-out images (no IMAGE given)."""
+    from attunet_keras import data
+    from attunet_keras import inference
+    from attunet_keras import training
+
+    if not args.input:
+        if not args.run:
+            raise ValueError(
+                "give an IMAGE (or folder), or --run DIR for its held-out images.")
+        training.read_config(args.run)  # a clear error for a folder that is not a run
+        return None
+    stems = {}
+    for path in inference.image_files(args.input):
+        stem = data.files.split_name(os.path.basename(path))[0]
+        if stem in stems:
+            raise ValueError(
+                f"{stems[stem]} and {path} would write the same {stem}_* outputs; "
+                "predict them from separate folders or rename one."
+            )
+        stems[stem] = path
+    return list(stems.items())
+
+
+def _inputs(args, names):
+    """Yields `(name, image, normalized, source)` for the command's images, one at a time."""
+    from attunet_keras import data
+    from attunet_keras import training
+
+    if args.input:
+        for name, path in names:
+            yield name, data.read_image(path), False, path
+        return
+    dataset = training.load_data(training.read_config(args.run))
+    for name, image, _ in dataset.examples:
+        yield name, image, True, name
+
+
+def _checked_model(args):
+    """The model of predict (on 2D images) and attention: a 2D segmentation model."""
+    from attunet_keras import inference
+
+    model = _load_or_build(args)
+    if inference.is_volume_model(model):
+        given = f"; {args.input} is a 2D image" if args.input else ""
+        raise ValueError(
+            f"{args.model or args.run}: a 3D model (input {tuple(model.inputs[0].shape)}), "
+            f"which takes NIfTI volumes (.nii, .nii.gz){given}. Give {args.command} a "
+            "volume, or a 2D model for images.")
+    return model
+
+
+def _predict(args):
+    from attunet_keras import data
+    from attunet_keras import inference
+
+    names = _input_names(args)
+    if os.path.exists(args.output) and not os.path.isdir(args.output):
+        raise FileExistsError(f"--output {args.output} exists and is not a folder.")
+    if names is not None:
+        folders = {os.path.dirname(os.path.realpath(path)) for _, path in names}
+        if os.path.realpath(args.output) in folders:
+            raise ValueError(
+                f"--output {args.output} is the input folder (it holds the input images); "
+                "write the masks elsewhere so that they are never mistaken for (or written over) "
+                "images.")
+    if names is not None and any(data.is_volume_file(path) for _, path in names):
+        return _predict_volumes(args, names)
+    if names is not None:
+        _check_planned(args, names, [os.path.join(args.output, f"{name}_{kind}.png")
+                                     for name, _ in names for kind in ("mask", "overlay")])
+    model = _checked_model(args)
+    if args.patch is not None:
+        inference.check_patch_size(model, args.patch, rank=2)
+    channels = inference.input_channels(model)
+    if names is not None:
+        _check_images(names, channels, args.channels)
+    model = inference.fully_convolutional(model)
+    n_label = inference.output_channels(model)
+    # One predict writes into a folder at a time, so no image's mask and overlay come
+    # from two runs; a second is refused at once.
+    with runs.folder_lock(args.output, what="predict output folder", keep=False):
+        _predict_images(args, names, model, channels, n_label)
+    return 0
+
+
+def _predict_images(args, names, model, channels, n_label):
+    from attunet_keras import data
+    from attunet_keras import inference
+
+    for name, image, normalized, source in _inputs(args, names):
+        image = inference.convert_channels(image, channels, args.channels, source)
+        paths = [os.path.join(args.output, f"{name}_{kind}.png")
+                 for kind in ("mask", "overlay")]
+        if names is None and not args.overwrite:
+            existing = [path for path in paths if os.path.lexists(path)]
+            if existing:
+                raise FileExistsError(f"{existing[0]} already exists; pass --overwrite.")
+        probabilities = _predict_image(model, image, normalized, args)
+        labels = inference.labels_from_probabilities(probabilities, args.threshold)
+        shown = image if normalized else data.normalize(image)
+        inference.save_png(paths[0], inference.mask_png(labels, n_label))
+        inference.save_png(paths[1], inference.overlay(shown, labels))
+        print(f"Wrote {paths[0]} and {paths[1]} ({labels.shape[0]}x{labels.shape[1]})")
+
+
+def _check_images(names, channels, conversion):
+    """Reads every input image once and checks that the model can take it, so that a
+    bad one is refused before any output is written (one image in memory at a time)."""
+    from attunet_keras import data
+    from attunet_keras import inference
+
+    for _, path in names:
+        inference.convert_channels(data.read_image(path), channels, conversion, path)
+
+
+def _check_planned(args, names, planned):
+    """Refuses outputs that exist (without --overwrite), are inputs, or are folders."""
+    existing = [path for path in planned if os.path.lexists(path)]
+    if existing and not args.overwrite:
+        raise FileExistsError(
+            f"{len(existing)} output(s) exist already, e.g. {existing[0]}; pass "
+            "--overwrite to replace them (nothing was written)."
+        )
+    inputs = {os.path.realpath(path) for _, path in names}
+    clashing = [path for path in planned if os.path.realpath(path) in inputs]
+    if clashing:
+        raise ValueError(f"{clashing[0]} is an input image; predict would write over "
+                         "it. Choose another --output.")
+    folders = [path for path in existing if os.path.isdir(path)]
+    if folders:
+        raise FileExistsError(f"{folders[0]} is a folder; predict only replaces files.")
+
+
+def _predict_volumes(args, names):
+    """predict on NIfTI volumes: DIR/NAME_mask.nii.gz with the input's affine and header."""
+    from attunet_keras import data
+    from attunet_keras import inference
+
+    images = [path for _, path in names if not data.is_volume_file(path)]
+    if images:
+        raise ValueError(f"{images[0]} is a 2D image among NIfTI volumes; predict images "
+                         "and volumes separately.")
+    planned = [os.path.join(args.output, f"{name}_mask.nii.gz") for name, _ in names]
+    _check_planned(args, names, planned)
+    model = _volume_model(args, names[0][1])
+    patch = args.patch or inference.own_size(model) or inference.DEFAULT_VOLUME_PATCH
+    patch = inference.check_patch_size(model, patch, rank=3)
+    with runs.folder_lock(args.output, what="predict output folder", keep=False):
+        for (name, path), output in zip(names, planned):
+            labels = inference.predict_nifti(model, path, output, patch,
+                                             overlap=args.overlap, tta=args.tta,
+                                             threshold=args.threshold)
+            print(f"Wrote {output} ({'x'.join(map(str, labels.shape))} {labels.dtype} "
+                  f"labels; the affine and header of {path}; patches "
+                  f"{'x'.join(map(str, patch))})")
+    return 0
+
+
+def _predict_image(model, image, normalized, args):
+    """Whole, or by sliding windows when a side is longer than --patch (the rule of
+    docs/training.md); --tta on a whole image is one window of the padded image."""
+    from attunet_keras import inference
+
+    larger = args.patch is not None and max(image.shape[:2]) > args.patch
+    if not (larger or args.tta):
+        return inference.predict_probabilities(model, image, normalized=normalized)
+    if larger:
+        patch = args.patch
+    else:
+        multiple = inference.size_multiple(model)
+        patch = tuple(-(-side // multiple) * multiple for side in image.shape[:2])
+    return inference.predict_sliding_window(model, image, patch, overlap=args.overlap,
+                                            tta=args.tta, normalized=normalized)
+
+
+def _attention(args):
+    from attunet_keras import data
+    from attunet_keras import inference
+
+    _check_output(args, (".png",))
+    if args.input and os.path.isdir(args.input):
+        raise ValueError(f"{args.input} is a folder; attention draws one IMAGE.")
+    if args.input and data.is_volume_file(args.input):
+        return _attention_volume(args)
+    names = _input_names(args)
+    model = _checked_model(args)
+    if args.patch is not None:
+        inference.check_patch_size(model, args.patch, rank=2)
+    name, image, normalized, source = next(iter(_inputs(args, names)))
+    image = inference.convert_channels(image, inference.input_channels(model),
+                                       args.channels, source)
+    if args.patch is not None and max(image.shape[:2]) > args.patch:
+        probabilities, gate_maps = inference.attention_maps_sliding_window(
+            model, image, args.patch, overlap=args.overlap, normalized=normalized)
+    else:
+        probabilities, gate_maps = inference.attention_maps(model, image,
+                                                            normalized=normalized)
+    shown = image if normalized else data.normalize(image)
+    inference.attention_figure(args.output, shown, probabilities, gate_maps,
+                               title=f"Attention gates of {model.name} on {name}")
+    print(f"Wrote {args.output}: {len(gate_maps)} gates "
+          f"({', '.join(f'{g} {m.shape[0]}x{m.shape[1]}' for g, m in gate_maps.items())})")
+    return 0
+
+
+def _volume_model(args, volume_path):
+    """The model of predict and attention on volumes: a 3D segmentation model."""
+    from attunet_keras import inference
+
+    model = _load_or_build(args)
+    if not inference.is_volume_model(model):
+        raise ValueError(
+            f"{args.model or args.run}: a 2D model (input {tuple(model.inputs[0].shape)}); "
+            f"{volume_path} is a volume, which needs an att_unet_3d model.")
+    return model
+
+
+def _attention_volume(args):
+    """attention on a NIfTI volume: a figure of its middle slice and one NIfTI per gate."""
+    from attunet_keras import inference
+
+    if not os.path.isfile(args.input):
+        raise FileNotFoundError(f"{args.input}: no such file.")
+    model = _volume_model(args, args.input)
+    written = inference.attention_nifti(model, args.input, args.output)
+    print(f"Wrote {args.output} (the middle slice) and {len(written)} gate map(s): "
+          + ", ".join(written.values()))
+    return 0
+
+
+def _check_batch(model, seed):
+    """A random batch of two images for the model's input.
+
+    An unknown spatial size becomes the smallest multiple of 2**pooling levels that
+    is at least 64.
+    """
+    import numpy as np
+
+    from attunet_keras import inference
+
+    multiple = inference.size_multiple(model)
+    free_size = multiple * max(1, -(-64 // multiple))
+    shape = [2] + [free_size if size is None else size for size in model.input.shape[1:]]
+    return np.random.default_rng(seed).random(shape, dtype="float32")
+
+
+def _check_data(args):
+    from attunet_keras import data
+
+    if not os.path.isdir(args.dataset):
+        raise FileNotFoundError(f"{args.dataset} is not a folder.")
+    checked, problems, notes = data.check_folder(args.dataset, args.n_label)
+    for note in notes:
+        print(f"note: {note}")
+    for problem in problems:
+        print(problem)
+    if problems:
+        print(f"{len(problems)} problem(s) in {args.dataset} ({checked} pair(s) read).")
+        return 1
+    print(f"{args.dataset}: {checked} pair(s) read, no problems (n_label={args.n_label}).")
+    return 0
+
+
+_COMMANDS = {
+    "summary": _summary, "plot": _plot, "export": _export, "train": _train,
+    "evaluate": _evaluate, "predict": _predict, "attention": _attention,
+    "check-data": _check_data,
+}
+
