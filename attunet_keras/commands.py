@@ -136,7 +136,11 @@ def _export(args):
         )
     model = _load_or_build(args)
     sample = _check_batch(model, args.seed)
-    representative = _representative_images(args) if args.quantize else None
+    representative = None
+    if args.quantize:
+        from attunet_keras import training
+
+        representative = training.calibration_patches(args.run, seed=args.seed)
     max_diff = export.export_model(
         model, args.output, format=args.format, quantize=args.quantize,
         representative=representative, sample=sample, threshold=args.threshold,
@@ -166,19 +170,6 @@ def _export(args):
         print("int8 outputs differ from float32 by design; benchmarks/deploy.py "
               "measures the Dice it keeps.")
     return 0
-
-
-def _representative_images(args, count=64):
-    """`count` random training patches of the run, in the model's layout."""
-    from attunet_keras import data
-    from attunet_keras import training
-
-    config = training.read_config(args.run)
-    batches = data.training_dataset(
-        training.load_data(config), count, seed=args.seed, data_format=config.data_format,
-        patches_per_image=config.patches_per_image,
-        foreground_fraction=config.foreground_fraction)
-    return next(iter(batches))[0].numpy()
 
 
 def _train(args):
@@ -349,7 +340,9 @@ def _predict_images(args, names, model, channels, n_label):
             existing = [path for path in paths if os.path.lexists(path)]
             if existing:
                 raise FileExistsError(f"{existing[0]} already exists; pass --overwrite.")
-        probabilities = _predict_image(model, image, normalized, args)
+        probabilities = inference.predict_image(
+            model, image, patch_size=args.patch, overlap=args.overlap, tta=args.tta,
+            normalized=normalized)
         labels = inference.labels_from_probabilities(probabilities, args.threshold)
         shown = image if normalized else data.normalize(image)
         inference.save_png(paths[0], inference.mask_png(labels, n_label))
@@ -408,23 +401,6 @@ def _predict_volumes(args, names):
                   f"labels; the affine and header of {path}; patches "
                   f"{'x'.join(map(str, patch))})")
     return 0
-
-
-def _predict_image(model, image, normalized, args):
-    """Whole, or by sliding windows when a side is longer than --patch (the rule of
-    docs/training.md); --tta on a whole image is one window of the padded image."""
-    from attunet_keras import inference
-
-    larger = args.patch is not None and max(image.shape[:2]) > args.patch
-    if not (larger or args.tta):
-        return inference.predict_probabilities(model, image, normalized=normalized)
-    if larger:
-        patch = args.patch
-    else:
-        multiple = inference.size_multiple(model)
-        patch = tuple(-(-side // multiple) * multiple for side in image.shape[:2])
-    return inference.predict_sliding_window(model, image, patch, overlap=args.overlap,
-                                            tta=args.tta, normalized=normalized)
 
 
 def _attention(args):

@@ -378,6 +378,27 @@ def _window_batches(padded, patch, starts, batch_size):
                                for corner in chunk])
 
 
+def predict_image(model, image, *, patch_size=None, overlap=0.5, tta=False,
+                  normalized=False):
+    """Probabilities of one image as `attunet-keras predict` computes them.
+
+    Whole (`predict_probabilities`) unless a side is longer than `patch_size`, then
+    by Gaussian-blended sliding windows of `patch_size` (`predict_sliding_window`);
+    with `tta`, a whole image is one window of the image padded to the model's size
+    multiple, so its flips are averaged too.
+    """
+    larger = patch_size is not None and max(np.shape(image)[:2]) > patch_size
+    if not (larger or tta):
+        return predict_probabilities(model, image, normalized=normalized)
+    if larger:
+        patch = patch_size
+    else:
+        multiple = size_multiple(model)
+        patch = tuple(-(-side // multiple) * multiple for side in np.shape(image)[:2])
+    return predict_sliding_window(model, image, patch, overlap=overlap, tta=tta,
+                                  normalized=normalized)
+
+
 def check_patch_size(model, patch_size, rank):
     """`patch_size` as a tuple of `rank` sizes; a ValueError unless the model takes it."""
     patch = (patch_size,) * rank if isinstance(patch_size, int) else tuple(patch_size)

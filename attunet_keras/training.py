@@ -593,6 +593,17 @@ def validation_scores(model, val_data, dataset, config):
     return {metric.name: float(metric.result()) for metric in metrics}
 
 
+def calibration_patches(run_dir, count=64, seed=0):
+    """`count` random training patches of a run, in its model's layout: the
+    representative images of an int8 LiteRT export (`export --quantize int8`)."""
+    config = read_config(run_dir)
+    batches = data_lib.training_dataset(
+        load_data(config), count, seed=seed, data_format=config.data_format,
+        patches_per_image=config.patches_per_image,
+        foreground_fraction=config.foreground_fraction)
+    return next(iter(batches))[0].numpy()
+
+
 def describe_dataset(dataset, config, say=print):
     """Prints the dataset of a run: its split, patches and notes (padding, cache)."""
     patches = dataset.patches_per_epoch(config.patches_per_image)

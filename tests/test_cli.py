@@ -592,3 +592,18 @@ def test_the_hd95_footnote_names_the_units_of_volumes(capsys):
     assert "in the voxel spacing's units" in text and "pixels" not in text
     commands._print_scores(dict(result, dims=2))
     assert "distance in pixels" in capsys.readouterr().out
+
+
+def test_an_int8_export_is_calibrated_on_the_run_s_training_patches(tiny_run, tmp_path,
+                                                                     capsys):
+    from attunet_keras import training
+
+    patches = training.calibration_patches(str(tiny_run), count=4, seed=1)
+    assert patches.shape == (4, 64, 64, 1)  # the run's tile, channels_last
+    assert 0.0 <= patches.min() and patches.max() <= 1.0 and patches.std() > 0
+    np.testing.assert_array_equal(patches, training.calibration_patches(
+        str(tiny_run), count=4, seed=1))  # seeded
+    output = tmp_path / "m.tflite"
+    assert cli.main(["export", "--run", str(tiny_run), "--format", "litert", "--quantize",
+                     "int8", "--output", str(output)]) == 0
+    assert output.stat().st_size > 0 and ", int8" in capsys.readouterr().out

@@ -156,3 +156,17 @@ def test_attention_by_windows_covers_a_large_image_on_each_gate_s_grid():
         np.testing.assert_allclose(blended[one], low[one], atol=1e-5, err_msg=name)
         assert (blended >= low - 1e-5).all() and (blended <= high + 1e-5).all(), name
         assert (high - low)[~one].max() > 1e-3  # the windows do differ where they overlap
+
+
+def test_predict_image_chooses_whole_windows_or_flips_as_predict_does():
+    model = models.att_unet(None, None, 1, depth=2, features=4, data_format="channels_last",
+                            in_channels=1)
+    image = np.random.default_rng(4).random((50, 30), dtype="float32")
+    np.testing.assert_array_equal(inference.predict_image(model, image),
+                                  inference.predict_probabilities(model, image))
+    np.testing.assert_array_equal(  # 50 > 32: windows
+        inference.predict_image(model, image, patch_size=32, overlap=0.25),
+        inference.predict_sliding_window(model, image, 32, overlap=0.25))
+    np.testing.assert_array_equal(  # within the patch, with TTA: one padded window
+        inference.predict_image(model, image, patch_size=64, tta=True),
+        inference.predict_sliding_window(model, image, (52, 32), tta=True))
