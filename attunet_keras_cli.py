@@ -133,7 +133,10 @@ def _size(text):
 
 def _model_options():
     parent = argparse.ArgumentParser(add_help=False)
-    group = parent.add_argument_group("model options (att_unet arguments)")
+    group = parent.add_argument_group(
+        "model options (att_unet arguments)",
+        "The defaults are the reference model's (features 32, channels_first, 3 input "
+        "channels); train's differ: features 16, channels_last, the data's channels.")
     group.add_argument(
         "--img-w", type=_size, default=160, metavar="N",
         help="first spatial axis, divisible by 2**depth, or 'none' (default: 160)",
@@ -386,7 +389,8 @@ def _add_train_parser(commands):
     train.add_argument("--depth", type=int, default=defaults.depth, metavar="N",
                        help=f"att_unet depth (default: {defaults.depth})")
     train.add_argument("--features", type=int, default=defaults.features, metavar="N",
-                       help=f"att_unet base features (default: {defaults.features})")
+                       help=f"att_unet base features (default: {defaults.features}; summary, "
+                            "plot and export default to the reference's 32)")
     train.add_argument("--tile", type=int, default=defaults.tile, metavar="N",
                        help="side of the training patches (the model's input) for nuclei "
                             "and folders (default: 128 for images, 64 for volumes)")
@@ -417,7 +421,9 @@ def _add_train_parser(commands):
                             "rebuilt (default: off)")
     train.add_argument("--data-format", choices=("channels_first", "channels_last"),
                        default=defaults.data_format,
-                       help=f"layout (default: {defaults.data_format}, faster on CPUs)")
+                       help=f"layout (default: {defaults.data_format}, faster on CPUs; "
+                            "summary, plot and export default to the reference's "
+                            "channels_first)")
     train.add_argument("--n-label", type=int, default=None, metavar="N",
                        help="classes of a folder dataset: 1 for binary masks")
     variants = train.add_argument_group("architecture options (att_unet)")

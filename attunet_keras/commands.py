@@ -6,6 +6,7 @@ parsed command. This module imports neither the parser nor `attunet_keras.cli`, 
 imports run one way: `attunet_keras.cli` -> `attunet_keras_cli` -> this module.
 """
 
+import dataclasses
 import json
 import os
 
@@ -176,22 +177,11 @@ def _train(args):
     from attunet_keras import distribute
     from attunet_keras import training
 
-    config = training.TrainConfig(
-        dataset=args.dataset, output=args.output, epochs=args.epochs,
-        steps_per_epoch=args.steps_per_epoch, batch_size=args.batch_size,
-        learning_rate=args.learning_rate, loss=args.loss, seed=args.seed,
-        depth=args.depth, features=args.features, tile=args.tile, dims=args.dims,
-        patches_per_image=args.patches_per_image,
-        foreground_fraction=args.foreground_fraction, cache=args.cache,
-        val_fraction=args.val_fraction, val_batches=args.val_batches,
-        data_format=args.data_format, n_label=args.n_label,
-        backup_every=args.backup_every, dropout=args.dropout,
-        batch_norm=args.batch_norm, upsampling=args.upsampling, gate=args.gate,
-        deep_supervision=args.deep_supervision, backbone=args.backbone,
-        backbone_weights=args.backbone_weights, freeze_epochs=args.freeze_epochs,
-        strategy=args.strategy,
-        precision=args.precision, jit_compile=args.jit_compile,
-    )
+    # Every TrainConfig field is a train flag of the same name (tests/test_cli.py
+    # checks both ways); only the held-out files are recorded, never given.
+    fields = {field.name for field in dataclasses.fields(training.TrainConfig)}
+    config = training.TrainConfig(**{name: value for name, value in vars(args).items()
+                                     if name in fields})
     config.validate()
     if args.cpu_devices is not None:
         distribute.split_cpu(args.cpu_devices)

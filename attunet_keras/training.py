@@ -326,7 +326,9 @@ class TrainConfig:
         if builtin_dims and self.dims not in (None, builtin_dims):
             raise ValueError(f"the built-in {self.dataset!r} is {builtin_dims}D; leave "
                              "dims out.")
-        if self.dataset in data_lib.BUILTIN and self.val_fraction != 0.2:
+        default_fraction = next(field.default for field in dataclasses.fields(self)
+                                if field.name == "val_fraction")
+        if self.dataset in data_lib.BUILTIN and self.val_fraction != default_fraction:
             raise ValueError(f"val_fraction is fixed by the built-in dataset "
                              f"{self.dataset!r}; leave it out.")
         if self.dataset in data_lib.BUILTIN and self.cache is not None:

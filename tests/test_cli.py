@@ -1,5 +1,6 @@
 """The attunet-keras command line."""
 
+import dataclasses
 import json
 import os
 import re
@@ -607,3 +608,33 @@ def test_an_int8_export_is_calibrated_on_the_run_s_training_patches(tiny_run, tm
     assert cli.main(["export", "--run", str(tiny_run), "--format", "litert", "--quantize",
                      "int8", "--output", str(output)]) == 0
     assert output.stat().st_size > 0 and ", int8" in capsys.readouterr().out
+
+
+def test_every_train_option_is_one_trainconfig_field_with_its_default():
+    """The train flags and TrainConfig are one declaration seen twice: every field
+    (but the recorded held-out files) is a flag of the same name, with the same
+    default, and cli's train builds the config from them without a copy by hand."""
+    import attunet_keras_cli
+    from attunet_keras import training
+
+    args = attunet_keras_cli.build_parser().parse_args(
+        ["train", "--dataset", "d", "--output", "o"])
+    fields = {field.name: field.default for field in dataclasses.fields(training.TrainConfig)}
+    given = {"dataset": "d", "output": "o"}
+    missing = set(fields) - set(vars(args)) - {"val_files"}
+    assert not missing, f"TrainConfig fields without a train flag: {sorted(missing)}"
+    for name, default in fields.items():
+        if name != "val_files":
+            assert getattr(args, name) == given.get(name, default), name
+    only_cli = set(vars(args)) - set(fields)
+    assert only_cli == {"command", "overwrite", "cpu_devices", "cluster_timeout", "verbose"}
+
+
+def test_the_helps_say_that_summary_and_train_default_differently(capsys):
+    for command in ("summary", "train"):
+        with pytest.raises(SystemExit):
+            cli.main([command, "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "The defaults are the reference model's (features 32, channels_first" in text
+    assert "train's differ: features 16, channels_last" in text
+    assert "summary, plot and export default to the reference's 32" in text
