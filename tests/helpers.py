@@ -81,3 +81,19 @@ def reflect_padded_prediction(model, image, multiple, data_format="channels_last
     output = output[0] if isinstance(output, (list, tuple)) else output
     output = output[0] if data_format == "channels_last" else output[0].transpose(1, 2, 0)
     return output[:height, :width]
+
+
+def write_pairs(folder, count, size=(64, 64), seed=0, stem="im"):
+    """`count` PNG pairs in `folder/images` and `folder/masks`: random 8-bit images
+    and their binary masks (pixels above 128); returns `folder`."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for sub in ("images", "masks"):
+        (folder / sub).mkdir(parents=True, exist_ok=True)
+    for index in range(count):
+        image = (rng.random(size) * 255).astype("uint8")
+        Image.fromarray(image).save(folder / "images" / f"{stem}{index}.png")
+        Image.fromarray((image > 128).astype("uint8")).save(
+            folder / "masks" / f"{stem}{index}.png")
+    return folder

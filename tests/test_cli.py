@@ -416,9 +416,11 @@ def test_predict_refuses_a_3d_model_before_writing(tmp_path, capsys):
     models.att_unet_3d(16, 16, 16, 1, depth=2, features=4).save(path)
     folder = _images(tmp_path / "in", ["a.png"])
     with pytest.raises(SystemExit):
-        cli.main(["predict", str(folder), "--model", str(path), "--output",
+        cli.main(["predict", str(folder / "a.png"), "--model", str(path), "--output",
                   str(tmp_path / "out")])
-    assert "a 3D model" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "a 3D model" in err and "which takes NIfTI volumes (.nii, .nii.gz)" in err
+    assert "a.png is a 2D image" in err and "2D models and images only" not in err
     assert not (tmp_path / "out").exists()
 
 
@@ -547,20 +549,6 @@ def test_predict_refuses_an_output_folder_that_holds_the_input_image(tiny_run, t
                   "--output", str(folder)])
     assert "is the input folder" in capsys.readouterr().err
     assert os.listdir(folder) == ["x.png"]
-
-
-def test_a_3d_model_given_an_image_says_what_it_takes(tmp_path, capsys):
-    from attunet_keras import models
-
-    path = tmp_path / "volume.keras"
-    models.att_unet_3d(16, 16, 16, 1, depth=2, features=4).save(path)
-    folder = _images(tmp_path / "in", ["a.png"])
-    with pytest.raises(SystemExit):
-        cli.main(["predict", str(folder / "a.png"), "--model", str(path), "--output",
-                  str(tmp_path / "out")])
-    err = capsys.readouterr().err
-    assert "a 3D model" in err and "which takes NIfTI volumes (.nii, .nii.gz)" in err
-    assert "a.png is a 2D image" in err and "2D models and images only" not in err
 
 
 def test_attention_into_a_missing_folder_is_refused_before_any_work(tiny_run, tmp_path,

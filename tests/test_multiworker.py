@@ -14,6 +14,7 @@ import pytest
 
 from attunet_keras import data
 from attunet_keras import training
+from helpers import write_pairs
 
 SETTINGS = ["--depth", "2", "--features", "4", "--tile", "64",
             "--dropout", "0", "--loss", "bce", "--learning-rate", "0.01", "--seed", "0"]
@@ -97,17 +98,7 @@ def test_two_workers_end_with_the_weights_of_one_process(tmp_path):
 def test_each_worker_reads_its_own_share_of_the_training_files(tmp_path):
     """A folder of 10 pairs (2 held out): the two workers' reads of training files,
     logged by the pipeline, are disjoint and together every training file."""
-    from PIL import Image
-
-    dataset = tmp_path / "set"
-    rng = np.random.default_rng(0)
-    for sub in ("images", "masks"):
-        (dataset / sub).mkdir(parents=True)
-    for index in range(10):
-        image = (rng.random((64, 64)) * 255).astype("uint8")
-        Image.fromarray(image).save(dataset / "images" / f"img{index}.png")
-        Image.fromarray((image > 128).astype("uint8")).save(
-            dataset / "masks" / f"img{index}.png")
+    dataset = write_pairs(tmp_path / "set", 10, stem="img")
     log = tmp_path / "reads.log"
     settings = ["--dataset", str(dataset), "--n-label", "1", "--epochs", "1"]
     os.environ[data.pipeline.READ_LOG_ENV] = str(log)

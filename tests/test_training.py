@@ -15,6 +15,7 @@ from attunet_keras import data
 from attunet_keras import inference
 from attunet_keras import training
 from helpers import kill_training_at
+from helpers import write_pairs
 
 
 def _numpy_dice(predicted, truth):
@@ -495,16 +496,8 @@ def test_a_run_killed_in_its_final_evaluation_says_so_when_resumed(tmp_path, mon
 def _truncated_folder(folder, count=8):
     """`count` image/mask pairs whose images are cut in half: the headers read (so the
     folder indexes), the pixels do not (so every read fails inside the pipeline)."""
-    from PIL import Image
-
-    rng = np.random.default_rng(0)
-    for sub in ("images", "masks"):
-        (folder / sub).mkdir(parents=True)
-    for index in range(count):
-        image = (rng.random((64, 64)) * 255).astype("uint8")
-        Image.fromarray(image).save(folder / "images" / f"im{index}.png")
-        Image.fromarray((image > 128).astype("uint8")).save(folder / "masks" / f"im{index}.png")
-        path = folder / "images" / f"im{index}.png"
+    write_pairs(folder, count)
+    for path in (folder / "images").iterdir():
         path.write_bytes(path.read_bytes()[:path.stat().st_size // 2])
     return folder
 
@@ -529,16 +522,7 @@ def test_a_reader_failing_mid_epoch_ends_the_process_with_one_line(tmp_path):
 def test_two_runs_share_one_cache_at_once(tmp_path):
     """Two trains started together on one --cache: both finish, and every entry is
     whole (written under a temporary name and renamed, one writer per entry)."""
-    from PIL import Image
-
-    folder = tmp_path / "set"
-    rng = np.random.default_rng(1)
-    for sub in ("images", "masks"):
-        (folder / sub).mkdir(parents=True)
-    for index in range(6):
-        image = (rng.random((64, 64)) * 255).astype("uint8")
-        Image.fromarray(image).save(folder / "images" / f"im{index}.png")
-        Image.fromarray((image > 128).astype("uint8")).save(folder / "masks" / f"im{index}.png")
+    folder = write_pairs(tmp_path / "set", 6, seed=1)
     script = os.path.join(os.path.dirname(sys.executable), "attunet-keras")
     commands = [[script, "train", "--dataset", str(folder), "--n-label", "1", "--output",
                  str(tmp_path / f"run{index}"), "--epochs", "1", "--steps-per-epoch", "2",
