@@ -225,6 +225,9 @@ def _run(config, output, resuming, dataset, strategy, global_batch, steps, chief
     log_path = os.path.join(output, training.LOG_FILE)
     monitor = training.monitor_name(model)
     best = training.trim_log(log_path, resumed_epoch, monitor) if chief else None
+    if chief and resuming and training.drop_broken_checkpoint(
+            os.path.join(output, training.BEST_MODEL)):
+        best = None
 
     def dataset_fn(context):
         # No auto-sharding applies to distribute_datasets_from_function: each worker's

@@ -519,6 +519,10 @@ def _fit(config, output, resuming, dataset, strategy, global_batch, steps, jit_c
 
     resumed_epoch = restore_backup(model, backup_dir) if resuming else 0
     best_so_far = trim_log(os.path.join(output, LOG_FILE), resumed_epoch, monitor)
+    if resuming and drop_broken_checkpoint(os.path.join(output, BEST_MODEL)):
+        print(f"{os.path.join(output, BEST_MODEL)} was cut short (killed while it was "
+              "written): removed; the next epoch writes a new best checkpoint")
+        best_so_far = None
     callbacks = [
         keras.callbacks.TerminateOnNaN(),
         keras.callbacks.CSVLogger(os.path.join(output, LOG_FILE), append=True),
@@ -781,17 +785,40 @@ def trim_log(log_path, first_epoch, monitor):
     if not os.path.isfile(log_path):
         return None
     with open(log_path, newline="") as file:
-        rows = list(csv.DictReader(file))
-        fields = list(rows[0].keys()) if rows else None
-    kept = [row for row in rows if int(row["epoch"]) < first_epoch]
-    if fields is None:
+        reader = csv.DictReader(file)
+        rows, fields = list(reader), reader.fieldnames
+    if not fields:
         return None
-    with open(log_path, "w", newline="") as file:
-        writer = csv.DictWriter(file, fieldnames=fields)
-        writer.writeheader()
-        writer.writerows(kept)
+
+    def whole(row):  # a row cut short by a kill mid-write has missing or empty fields
+        return (None not in row and all(row.get(field) not in (None, "") for field in fields)
+                and row["epoch"].isdigit())
+
+    kept = [row for row in rows if whole(row) and int(row["epoch"]) < first_epoch]
+    with runs.atomic_path(log_path) as temporary:  # a kill now leaves the old log whole
+        with open(temporary, "w", newline="") as file:
+            writer = csv.DictWriter(file, fieldnames=fields)
+            writer.writeheader()
+            writer.writerows(kept)
     scores = [float(row[monitor]) for row in kept if row.get(monitor)]
     return max(scores) if scores else None
+
+
+def drop_broken_checkpoint(path):
+    """Removes `path` (a `.keras` checkpoint) when it is not a whole zip archive (a
+    kill while Keras wrote it in place); True when it did."""
+    import zipfile
+
+    if not os.path.isfile(path):
+        return False
+    try:
+        with zipfile.ZipFile(path) as archive:
+            whole = archive.testzip() is None
+    except (zipfile.BadZipFile, OSError):
+        whole = False
+    if not whole:
+        os.remove(path)
+    return not whole
 
 
 def read_config(run_dir):

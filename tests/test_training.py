@@ -554,3 +554,17 @@ def test_the_multiworker_validation_equals_fit_s_on_the_same_batches(tmp_path):
     assert scores["dice"] == pytest.approx(evaluated["dice"], abs=1e-6)
     assert scores["iou"] == pytest.approx(evaluated["iou"], abs=1e-6)
     assert sum(x.shape[0] for x, _ in val_data) == 4  # 1 batch of 4, not the 16 tiles
+
+
+def test_a_log_row_or_checkpoint_cut_short_by_a_kill_is_dropped_on_resume(tmp_path):
+    log = tmp_path / "log.csv"
+    log.write_text("epoch,loss,val_dice\n0,0.9,0.2\n1,0.8,0.4\n2,0.7")  # row 2 cut short
+    assert training.trim_log(str(log), 3, "val_dice") == 0.4
+    assert log.read_text().splitlines() == ["epoch,loss,val_dice", "0,0.9,0.2", "1,0.8,0.4"]
+    assert training.trim_log(str(log), 1, "val_dice") == 0.2  # epochs from 1 run again
+    assert log.read_text().splitlines() == ["epoch,loss,val_dice", "0,0.9,0.2"]
+    best = tmp_path / "best.keras"
+    keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)]).save(best)
+    assert not training.drop_broken_checkpoint(str(best)) and best.is_file()
+    best.write_bytes(best.read_bytes()[:200])
+    assert training.drop_broken_checkpoint(str(best)) and not best.exists()
