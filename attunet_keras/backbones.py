@@ -209,8 +209,10 @@ def _weights_mismatch(application, path):
     return "holds weights for this network's layers of other shapes."
 
 
-def build(sizes, options, conv_block, up_and_concat, head):
-    """The backbone `att_unet` (see the module); `options` are `att_unet`'s arguments."""
+def build(sizes, options, decoder, heads, conv_block):
+    """The backbone `att_unet` (see the module); `options` are `att_unet`'s arguments,
+    `decoder`, `heads` and `conv_block` the plain model's (`models.decoder`,
+    `models.heads`, its conv block), so both run one decoder loop."""
     backbone, features = options["backbone"], options["features"]
     spec = BACKBONES[backbone]
     in_channels = options["in_channels"]
@@ -234,23 +236,14 @@ def build(sizes, options, conv_block, up_and_concat, head):
         skips.insert(0, keras.layers.Conv2D(max(features, 1), 3, strides=2, padding="same",
                                             activation="relu", name="stride2_conv")(rgb))
 
-    side_outputs = []
-    for level in range(4, 0, -1):
-        x = up_and_concat(x, skips[level - 1], "channels_last", f"dec{level}",
-                          batch_norm=options["batch_norm"], upsampling=options["upsampling"],
-                          gate=options["gate"])
-        x = conv_block(x, features * 2 ** (level - 1), name=f"dec{level}", **block_options)
-        if options["deep_supervision"]:
-            side_outputs.append((level, x))
+    # The skips are at strides 2..16: decoder level k is at stride 2**k, and every
+    # level is supervised (the top conv block below is at the input's stride).
+    x, side_outputs = decoder(x, skips, 2, "channels_last", options,
+                              supervised=lambda level: True)
     x = _upsample(x, options["upsampling"], features)
     x = conv_block(x, max(features // 2, 1), name="dec0", **block_options)
-
-    outputs = [head(2, x, options["n_label"], "channels_last", options["output_activation"],
-                    "head")]
-    for level, features_map in sorted(side_outputs):
-        outputs.append(head(2, features_map, options["n_label"], "channels_last",
-                            options["output_activation"], f"dec{level}_head",
-                            upsample=2 ** level))
+    outputs = heads(2, x, side_outputs, "channels_last", options,
+                    stride=lambda level: 2 ** level)
     return keras.Model(inputs, outputs if len(outputs) > 1 else outputs[0],
                        name=options["name"])
 

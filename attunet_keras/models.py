@@ -245,9 +245,8 @@ def _build(rank, sizes, options):
         from attunet_keras import backbones
 
         backbones.check_backbone_arguments(sizes, dict(options, data_format=data_format))
-        return backbones.build(tuple(sizes.values()), options, _conv_block,
-                               _UP_AND_CONCAT[rank], _head)
-    depth, features, n_label = options["depth"], options["features"], options["n_label"]
+        return backbones.build(tuple(sizes.values()), options, decoder, heads, _conv_block)
+    depth, features = options["depth"], options["features"]
     spatial = tuple(sizes.values())
     if data_format == "channels_first":
         input_shape = (options["in_channels"],) + spatial
@@ -266,24 +265,51 @@ def _build(rank, sizes, options):
         skips.append(x)
         x = blocks.max_pooling(rank, 2, data_format=data_format, name=f"enc{level}_pool")(x)
     x = _conv_block(x, features * 2**depth, name="bottleneck", **block_options)
+    x, side_outputs = decoder(x, skips, rank, data_format, options)
+    # decoder level k is at stride 2**(k - 1): level 1 is the input's resolution
+    outputs = heads(rank, x, side_outputs, data_format, options,
+                    stride=lambda level: 2 ** (level - 1))
+    return keras.Model(inputs, outputs if len(outputs) > 1 else outputs[0],
+                       name=options["name"])
+
+
+def decoder(x, skips, rank, data_format, options, supervised=lambda level: level > 1):
+    """The attention decoder, the one loop of every `att_unet` (plain or on a backbone).
+
+    From the deepest skip up, decoder level k gates `skips[k - 1]` with the map from
+    below, up-samples that map, concatenates the two (`attention_up_and_concat`) and
+    applies a conv block of `features * 2**(k - 1)` filters named `dec{k}`.
+
+    Returns:
+        `(x, side_outputs)`: the top level's map, and `(level, map)` of every level
+        `supervised(level)` accepts when `options["deep_supervision"]` is on.
+    """
+    block_options = dict(rank=rank, data_format=data_format, dropout=options["dropout"],
+                         batch_norm=options["batch_norm"])
     side_outputs = []
-    for level in range(depth, 0, -1):
+    for level in range(len(skips), 0, -1):
         x = _UP_AND_CONCAT[rank](
             x, skips[level - 1], data_format, f"dec{level}",
             batch_norm=options["batch_norm"], upsampling=options["upsampling"],
             gate=options["gate"],
         )
-        x = _conv_block(x, features * 2 ** (level - 1), name=f"dec{level}", **block_options)
-        if options["deep_supervision"] and level > 1:
+        x = _conv_block(x, options["features"] * 2 ** (level - 1), name=f"dec{level}",
+                        **block_options)
+        if options["deep_supervision"] and supervised(level):
             side_outputs.append((level, x))
+    return x, side_outputs
 
-    outputs = [_head(rank, x, n_label, data_format, options["output_activation"], "head")]
+
+def heads(rank, x, side_outputs, data_format, options, stride):
+    """The output `head` on `x`, then a `dec{k}_head` on every side output, up-sampled
+    by `stride(k)` (the level's stride relative to the input) to the input's size."""
+    n_label, activation = options["n_label"], options["output_activation"]
+    outputs = [_head(rank, x, n_label, data_format, activation, "head")]
     for level, features_map in sorted(side_outputs):
-        outputs.append(_head(rank, features_map, n_label, data_format,
-                             options["output_activation"], f"dec{level}_head",
-                             upsample=2 ** (level - 1)))
-    return keras.Model(inputs, outputs if len(outputs) > 1 else outputs[0],
-                       name=options["name"])
+        outputs.append(_head(rank, features_map, n_label, data_format, activation,
+                             f"dec{level}_head", upsample=stride(level)))
+    return outputs
+
 
 
 _UP_AND_CONCAT = {2: blocks.attention_up_and_concat, 3: blocks.attention_up_and_concat_3d}
