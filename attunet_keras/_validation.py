@@ -45,7 +45,7 @@ def channel_axis_of(shape, n_label, data_format, name):
     shape = tuple(shape)
     rank = len(shape)
     wanted = 1 if n_label is None else n_label
-    fits = [axis for axis in (1, rank - 1) if shape[axis] == wanted]
+    fits = [axis for axis in dict.fromkeys((1, rank - 1)) if shape[axis] == wanted]
     if len(fits) == 1 or (wanted == 1 and fits):
         return fits[0]
     if n_label is None:

@@ -314,6 +314,9 @@ def _predict(args):
     # One predict writes into a folder at a time, so no image's mask and overlay come
     # from two runs; a second is refused at once.
     with runs.folder_lock(args.output, what="predict output folder", keep=False):
+        if names is not None:  # again, now that no other predict writes here
+            _check_planned(args, names, [os.path.join(args.output, f"{name}_{kind}.png")
+                                         for name, _ in names for kind in ("mask", "overlay")])
         _predict_images(args, names, model, channels, n_label)
     return 0
 
@@ -383,6 +386,7 @@ def _predict_volumes(args, names):
     patch = args.patch or inference.own_size(model) or inference.DEFAULT_VOLUME_PATCH
     patch = inference.check_patch_size(model, patch, rank=3)
     with runs.folder_lock(args.output, what="predict output folder", keep=False):
+        _check_planned(args, names, planned)  # again, now that no other predict writes
         for (name, path), output in zip(names, planned):
             labels = inference.predict_nifti(model, path, output, patch,
                                              overlap=args.overlap, tta=args.tta,

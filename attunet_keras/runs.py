@@ -17,6 +17,7 @@ import fcntl
 import json
 import os
 import socket
+import tempfile
 
 
 class Busy(RuntimeError):
@@ -27,12 +28,15 @@ class Busy(RuntimeError):
 def atomic_path(path, suffix=""):
     """Yields a temporary path beside `path`; on success it is renamed to `path`.
 
-    The temporary name starts with a dot and holds the process id, and ends with
-    `suffix` (e.g. `.npz`, which `numpy.savez` insists on). On an error it is removed
+    The temporary name starts with a dot, holds the process id and a unique part, and
+    ends with `suffix` (e.g. `.npz`, which `numpy.savez` insists on). On an error it is removed
     and `path` is left as it was.
     """
     folder, name = os.path.split(os.path.abspath(path))
-    temporary = os.path.join(folder, f".{name}.{os.getpid()}.tmp{suffix}")
+    # A name of its own for every call: threads of one process may write one path.
+    descriptor, temporary = tempfile.mkstemp(prefix=f".{name}.{os.getpid()}.",
+                                             suffix=f".tmp{suffix}", dir=folder)
+    os.close(descriptor)
     try:
         yield temporary
         os.replace(temporary, path)
@@ -69,21 +73,32 @@ def file_lock(lock_path, *, wait=True, remove=False, what=None):
     The file then holds this process's `pid@host`. With `wait=False` a lock held by
     another process raises `Busy` naming `what` (default: the lock file) and the
     holder, at once. `remove=True` deletes the lock file on release (for locks of
-    short-lived things such as cache entries; a waiter that had opened the old file
-    then takes a lock no one else sees, which costs at most one duplicate, atomically
-    renamed, write).
+    short-lived things such as cache entries; a waiter that finds it has locked a file
+    no longer at the path opens and locks the one that is).
     """
-    descriptor = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
+    while True:
+        descriptor = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(descriptor, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
         except OSError as error:
+            os.close(descriptor)
             if error.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
                 raise
             name = holder(lock_path) or "another process"
             raise Busy(f"{what or lock_path} is in use by process {name} (lock "
                        f"{lock_path}); wait for it to finish or stop it, then run the "
                        "command again.") from None
+        # The file locked must still be the one at the path: a holder with
+        # `remove=True` may have deleted it while we waited, and a third process
+        # locked a new one. Then lock that one instead.
+        try:
+            same = os.fstat(descriptor).st_ino == os.stat(lock_path).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(descriptor)
+    try:
         os.ftruncate(descriptor, 0)
         os.write(descriptor, f"{os.getpid()}@{socket.gethostname()}\n".encode())
         try:

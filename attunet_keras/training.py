@@ -24,6 +24,7 @@ import json
 import math
 import os
 import shutil
+import traceback
 
 import keras
 import numpy as np
@@ -173,10 +174,11 @@ class TrainConfig:
         foreground_fraction: float. Share of the patches centred on a labelled pixel.
         cache: str or None. A folder for decoded, normalised pairs of a folder dataset.
         val_fraction: float. Share of a folder dataset's files held out.
-        val_batches: int. Batches of held-out patches behind every epoch's
+        val_batches: int or None. Batches of held-out patches behind every epoch's
             `val_dice` (and the choice of `best.keras`): the held-out images' tiles
             when they hold no more, else a fixed seeded draw of patches
-            (`data.validation_dataset`), so validation does not grow with the data.
+            (`data.validation_dataset`), so validation does not grow with the data;
+            `None` (runs recorded before the option): every held-out tile.
         val_files: list of str or None. The held-out files of a folder dataset; drawn
             with `seed` when the run starts and recorded, so a resumed run and
             `evaluate` use the same files.
@@ -231,9 +233,10 @@ class TrainConfig:
 
     def validate(self):
         """Checks every setting; raises one ValueError naming the first bad one."""
-        for name in ("epochs", "batch_size", "depth", "features", "backup_every",
-                     "val_batches"):
+        for name in ("epochs", "batch_size", "depth", "features", "backup_every"):
             _validation.check_int(name, getattr(self, name), 1)
+        if self.val_batches is not None:  # None: every held-out tile (older runs)
+            _validation.check_int("val_batches", self.val_batches, 1)
         if self.tile is not None:
             _validation.check_int("tile", self.tile, 1)
         if self.dims not in (None, 2, 3):
@@ -467,9 +470,15 @@ def _train_locked(config, output, overwrite, verbose):
 def run_dataset(config, output, resuming):
     """`(config, dataset)` of a run: a folder dataset's held-out files are those the
     run recorded when it is resumed, else the seeded draw, which the returned config
-    records (`val_files`)."""
-    if resuming and config.val_files is None:
-        config = dataclasses.replace(config, val_files=read_config(output).val_files)
+    records (`val_files`). A resumed run keeps the settings it recorded before they
+    were options (`UNRECORDED`)."""
+    if resuming:
+        recorded = read_config(output)
+        kept = {key: getattr(recorded, key) for key in UNRECORDED
+                if key not in _read_json(os.path.join(output, CONFIG_FILE))}
+        if config.val_files is None:
+            kept["val_files"] = recorded.val_files
+        config = dataclasses.replace(config, **kept)
     dataset = load_data(config)
     if dataset.dims == 3 and config.backbone is not None:
         raise ValueError(f"{config.dataset} holds volumes; backbones are 2D "
@@ -638,6 +647,10 @@ def stop_on_read_failure(backup_dir):
         failure = data_lib.read_failure(error)
         if failure is None:
             raise
+        # The new error is raised while this one is still being handled (inside
+        # contextlib's __exit__), so it keeps it as __context__: drop the locals of
+        # the finished frames it passed through, which hold the iterators.
+        traceback.clear_frames(error.__traceback__)
     if failure is None:
         return
     release_pipelines()
@@ -715,11 +728,11 @@ def check_output(config, output, overwrite):
     # The held-out files are recorded when a run starts, not given again to resume it.
     if current.get("val_files") is None:
         current.pop("val_files")
-    # A setting an older run did not record had its default then.
-    defaults = {field.name: field.default for field in dataclasses.fields(TrainConfig)}
+    # A setting an older run did not record is the one it ran with (see
+    # `UNRECORDED`), kept when it resumes: not compared.
     differences = [
-        f"{key}: {previous.get(key, defaults.get(key))!r} -> {current[key]!r}"
-        for key in current if previous.get(key, defaults.get(key)) != current[key]
+        f"{key}: {previous.get(key)!r} -> {current[key]!r}"
+        for key in current if key in previous and previous[key] != current[key]
     ]
     if differences:
         raise ValueError(
@@ -754,13 +767,21 @@ def nothing_trained(output):
     return True
 
 
+RUN_ENTRIES = (CONFIG_FILE, LOG_FILE, BEST_MODEL, LAST_MODEL, RESULT_FILE, BACKUP_DIR,
+               "tensorboard")
+
+
 def start_output(config, output, overwrite, resuming):
-    """Creates the run folder and writes config.json; a new run first empties the
-    folder of an earlier run (with `overwrite`) or of a failed start (its lock kept)."""
+    """Creates the run folder and writes config.json. A new run first removes what an
+    earlier start left: with `overwrite` the folder's whole content (an earlier run),
+    else only the run's own files (`RUN_ENTRIES`: a start killed before its first
+    backup). The lock file stays."""
     if resuming:
         return
     os.makedirs(output, exist_ok=True)
     for name in runs.entries(output):
+        if not overwrite and name not in RUN_ENTRIES:
+            continue
         path = os.path.join(output, name)
         if os.path.isdir(path) and not os.path.islink(path):
             shutil.rmtree(path)
@@ -792,7 +813,7 @@ def trim_log(log_path, first_epoch, monitor):
 
     def whole(row):  # a row cut short by a kill mid-write has missing or empty fields
         return (None not in row and all(row.get(field) not in (None, "") for field in fields)
-                and row["epoch"].isdigit())
+                and row.get("epoch", "").isdigit())
 
     kept = [row for row in rows if whole(row) and int(row["epoch"]) < first_epoch]
     with runs.atomic_path(log_path) as temporary:  # a kill now leaves the old log whole
@@ -814,11 +835,16 @@ def drop_broken_checkpoint(path):
     try:
         with zipfile.ZipFile(path) as archive:
             whole = archive.testzip() is None
-    except (zipfile.BadZipFile, OSError):
+    except Exception:  # BadZipFile, OSError, EOFError, zlib.error: not whole
         whole = False
     if not whole:
         os.remove(path)
     return not whole
+
+
+# Settings added after runs were recorded without them: what such a run did then
+# (val_batches None: every held-out tile, every epoch).
+UNRECORDED = {"val_batches": None}
 
 
 def read_config(run_dir):
@@ -836,7 +862,7 @@ def read_config(run_dir):
             f"{path} is not the config.json of an attunet_keras run (unknown keys "
             f"{unknown[:5]}, or no 'dataset')."
         )
-    return TrainConfig(**values)
+    return TrainConfig(**{**UNRECORDED, **values})
 
 
 def load_run_model(run_dir):

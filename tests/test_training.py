@@ -568,3 +568,26 @@ def test_a_log_row_or_checkpoint_cut_short_by_a_kill_is_dropped_on_resume(tmp_pa
     assert not training.drop_broken_checkpoint(str(best)) and best.is_file()
     best.write_bytes(best.read_bytes()[:200])
     assert training.drop_broken_checkpoint(str(best)) and not best.exists()
+
+
+def test_a_start_killed_before_its_first_backup_keeps_the_user_s_files(tmp_path):
+    """Same settings, no backup yet (killed within its first steps), and a file of the
+    user's in the run folder: the new start removes only the run's own files."""
+    config = _tiny_config(tmp_path, epochs=1, steps_per_epoch=1)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps(config.to_json()))
+    (run / "log.csv").write_text("epoch,loss\n")
+    (run / "notes.txt").write_text("mine")
+    training.train(config, verbose=0)
+    assert (run / "notes.txt").read_text() == "mine"
+    assert (run / "result.json").is_file()
+
+
+def test_a_run_recorded_before_val_batches_resumes_validating_every_tile(tmp_path):
+    values = _tiny_config(tmp_path).to_json()
+    del values["val_batches"]  # as runs were recorded before the option
+    (tmp_path / "config.json").write_text(json.dumps(values))
+    assert training.read_config(str(tmp_path)).val_batches is None
+    config, _ = training.run_dataset(_tiny_config(tmp_path), str(tmp_path), resuming=True)
+    assert config.val_batches is None

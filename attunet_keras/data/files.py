@@ -115,6 +115,18 @@ def _pil_intensities(image, mask=False):
     return image
 
 
+def _pil_channels(image):
+    """The channel count of `read_image(path)` for a PIL image, from its mode and
+    palette alone (nothing decoded)."""
+    if image.mode in ("P", "PA"):
+        return 1 if _gray_palette(image) else 3
+    if image.mode in ("LA", "1"):
+        return 1
+    if image.mode in ("RGBA", "RGBa"):
+        return 3
+    return len(image.getbands())
+
+
 def _gray_palette(image):
     """True when every colour of a palette image's palette is a gray."""
     palette = np.asarray(image.getpalette() or [], "int64").reshape(-1, 3)
@@ -405,7 +417,7 @@ def read_header(path):
 
         with Image.open(path) as image:
             width, height = image.size
-            return (height, width), len(_pil_intensities(image).getbands())
+            return (height, width), _pil_channels(image)
     except Exception as error:  # any decoder error means the same to the user
         raise ValueError(f"{path}: cannot be read as an image ({error}).") from error
 
@@ -469,6 +481,7 @@ class PairCache:
         entry = self._read(path, image_path, mask_path)
         if entry is not None:
             return entry
+        os.makedirs(self.folder, exist_ok=True)
         with runs.file_lock(path + ".lock", remove=True):
             entry = self._read(path, image_path, mask_path)  # written while we waited?
             if entry is not None:

@@ -119,8 +119,19 @@ def validation_dataset(dataset, batch_size, *, data_format="channels_last", outp
                              zip(dataset.items[index].shape, tile)])) for index in dataset.val)
     if batches is not None and count > batches * batch_size:
         images, masks = fixed_patches(dataset, batches * batch_size, seed)
-        tiles = tf.data.Dataset.from_tensor_slices((images, masks))
+
+        def patch(index):  # from the arrays in memory (no constant in the graph)
+            return images[int(index)], masks[int(index)]
+
+        def take(index):
+            image, mask = tf.numpy_function(patch, [index], [tf.float32, labels],
+                                            stateful=False)
+            image.set_shape(tile + (dataset.in_channels,))
+            mask.set_shape(tile)
+            return image, mask
+
         count = len(images)
+        tiles = tf.data.Dataset.range(count).map(take)
     else:
         def cut(index):
             image, mask = read_item(dataset, int(index))
