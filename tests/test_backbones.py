@@ -113,7 +113,7 @@ def test_a_two_stage_run_stopped_while_frozen_resumes_and_unfreezes(tmp_path, mo
     output = tmp_path / "run"
     argv = ["train", "--dataset", "nuclei", "--output", str(output),
             "--backbone", "mobilenetv2", "--freeze-epochs", "2", "--epochs", "3",
-            "--steps-per-epoch", "6", "--batch-size", "2", "--features", "4",
+            "--steps-per-epoch", "3", "--batch-size", "2", "--features", "4",
             "--tile", "64", "--backup-every", "1", "--learning-rate", "0.001",
             "--verbose", "0"]
     save_backup = training.save_backup
