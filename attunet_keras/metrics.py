@@ -188,3 +188,36 @@ def hausdorff95(prediction, truth, spacing=None):
         return float("inf")
     return float(max(np.percentile(surface_distances(prediction, truth, spacing), 95),
                      np.percentile(surface_distances(truth, prediction, spacing), 95)))
+
+
+def surface_dice(prediction, reference, spacing=None, tolerance=1.0):
+    """The normalised surface Dice (NSD, Nikolov et al. 2021) of two binary masks.
+
+    The share of boundary voxels of both masks that lie within `tolerance` of the
+    other mask's boundary: `(|S_p within tol of S_r| + |S_r within tol of S_p|) /
+    (|S_p| + |S_r|)`, with boundaries and distances as `hausdorff95` takes them (mask
+    minus its erosion; exact Euclidean distances in units of `spacing`). This is
+    MONAI's `compute_surface_dice` convention (boundary voxels counted), not the
+    surface-area weighting of DeepMind's `surface-distance`. Both masks empty gives
+    NaN (no surface); one empty and the other not gives 0.
+
+    Args:
+        prediction, reference: boolean (or 0/1) arrays of one shape (2D or 3D).
+        spacing: float or sequence. Voxel size per axis; `None` measures in voxels.
+        tolerance: float. The distance (in `spacing`'s units) within which a boundary
+            voxel counts as matched. Defaults to 1.0.
+    """
+    prediction, reference = np.asarray(prediction, bool), np.asarray(reference, bool)
+    if prediction.shape != reference.shape:
+        raise ValueError(f"prediction {prediction.shape} and reference {reference.shape} "
+                         "must have one shape.")
+    if not (isinstance(tolerance, (int, float)) and tolerance >= 0):
+        raise ValueError(f"tolerance={tolerance!r} is not allowed; expected a number >= 0.")
+    if not prediction.any() and not reference.any():
+        return float("nan")
+    if not prediction.any() or not reference.any():
+        return 0.0
+    to_reference = surface_distances(prediction, reference, spacing)
+    to_prediction = surface_distances(reference, prediction, spacing)
+    matched = np.sum(to_reference <= tolerance) + np.sum(to_prediction <= tolerance)
+    return float(matched / (to_reference.size + to_prediction.size))

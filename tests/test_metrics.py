@@ -153,3 +153,25 @@ def test_channels_first_dice_matches_hand_counts_without_a_data_format():
     assert float(dice.result()) == pytest.approx(2 / 3)  # classes a and b: 2/3 each
     with pytest.raises(ValueError, match=r"both axis 1 and the last axis have n_label=3"):
         metrics.Dice(3).update_state(y_true[..., :3], y_pred[..., :3])
+
+
+def test_surface_dice_matches_hand_counts_of_boundary_pixels():
+    """Two 4x4 squares one column apart in a 10x10 image: each boundary has 12 pixels
+    (the square minus its 2x2 erosion). Within 1 pixel every boundary pixel of one lies
+    near the other's: NSD 1. At distance 0 only 6 of each 12 coincide (the shared
+    stretches of the top and bottom rows): NSD 12 / 24."""
+    reference = np.zeros((10, 10), bool)
+    reference[2:6, 2:6] = True
+    prediction = np.roll(reference, 1, axis=1)
+    assert metrics.surface_dice(prediction, reference, tolerance=1.0) == 1.0
+    assert metrics.surface_dice(prediction, reference, tolerance=0.5) == 0.5
+    # rows 2 mm apart, columns 1 mm: the one-column shift is 1 mm
+    assert metrics.surface_dice(prediction, reference, (2.0, 1.0), tolerance=1.0) == 1.0
+    assert metrics.surface_dice(prediction, reference, (2.0, 1.0), tolerance=0.9) == 0.5
+    assert metrics.surface_dice(prediction, prediction, tolerance=0.0) == 1.0
+    empty = np.zeros_like(reference)
+    assert np.isnan(metrics.surface_dice(empty, empty))
+    assert metrics.surface_dice(empty, reference) == 0.0
+    assert metrics.surface_dice(reference, empty) == 0.0
+    with pytest.raises(ValueError, match=r"tolerance=-1 is not allowed"):
+        metrics.surface_dice(prediction, reference, tolerance=-1)
