@@ -15,6 +15,7 @@ import zipfile
 import numpy as np
 
 from attunet_keras import data as data_lib
+from attunet_keras import runs
 
 GATE_SUFFIX = "_gate_sigmoid"
 
@@ -720,9 +721,7 @@ def predict_nifti(model, path, output, patch_size, *, overlap=0.5, tta=False,
     header.set_data_dtype(labels.dtype)
     written = type(source)(labels, source.affine, header)
     written.header.set_slope_inter(1.0, 0.0)
-    folder, name = os.path.split(os.path.abspath(output))
-    stem, extension = data_lib.files.split_name(name)
-    temporary = os.path.join(folder, f".{stem}.{os.getpid()}.tmp{extension}")
-    nibabel.save(written, temporary)
-    os.replace(temporary, output)
+    extension = data_lib.files.split_name(os.path.basename(output))[1]
+    with runs.atomic_path(output, suffix=extension) as temporary:  # nibabel reads the suffix
+        nibabel.save(written, temporary)
     return labels

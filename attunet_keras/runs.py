@@ -1,8 +1,9 @@
 """Files that are whole or absent, and folders with one writer.
 
-Every file this package writes for a user (a run's JSON, a predicted volume, a cache
-entry) goes through `atomic_path`: it is written under a temporary name beside its
-target and renamed over it, so a reader or a killed process never sees half of it.
+A run's JSON files and rewritten log, a predicted volume and a cache entry go through
+`atomic_path` (Keras writes the `.keras` files and PIL the PNGs in place): each is
+written under a temporary name beside its target and renamed over it, so a reader or
+a killed process never sees half of it.
 `file_lock` is an OS lock (`fcntl.flock`) on a lock file, released by the kernel when
 its holder dies, so a SIGKILL never leaves a stale lock behind. On network file
 systems that do not honour `flock` (some NFS set-ups) these locks do not exclude
