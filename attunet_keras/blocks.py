@@ -17,6 +17,7 @@ import keras
 from keras import layers
 
 from attunet_keras import _validation
+from attunet_keras import layers as layers_lib
 
 UPSAMPLING_MODES = ("nearest", "bilinear", "transpose")
 GATES = ("additive", "grid")
@@ -168,12 +169,22 @@ def attention_up_and_concat_3d(down_layer, layer, data_format=None, name=None, *
 
 
 def conv(rank, *args, **kwargs):
-    """`Conv2D` or `Conv3D`, looked up when called."""
-    return getattr(layers, f"Conv{rank}D")(*args, **kwargs)
+    """`Conv2D` or `Conv3D`, looked up when called; for channels_first the package's
+    subclass that adds the bias on the channels (`layers.Conv2D` says why)."""
+    return _conv_class(rank, "D", kwargs)(*args, **kwargs)
 
 
 def conv_transpose(rank, *args, **kwargs):
-    return getattr(layers, f"Conv{rank}DTranspose")(*args, **kwargs)
+    """`Conv2DTranspose` or `Conv3DTranspose`, as `conv`."""
+    return _conv_class(rank, "DTranspose", kwargs)(*args, **kwargs)
+
+
+def _conv_class(rank, suffix, kwargs):
+    name = f"Conv{rank}{suffix}"
+    data_format = kwargs.get("data_format") or keras.config.image_data_format()
+    if data_format == "channels_first":
+        return getattr(layers_lib, name)
+    return getattr(layers, name)
 
 
 def max_pooling(rank, *args, **kwargs):

@@ -188,3 +188,60 @@ class BackbonePreprocessing(keras.layers.Layer):
         config = super().get_config()
         config.update(mode=self.mode)
         return config
+
+
+# --------------------------------------------------- channels_first convolutions
+#
+# Keras 3.15's TensorFlow `ops.add(x, bias)` becomes `tf.nn.bias_add` in NHWC whenever
+# x's last axis has the bias's length, even for the `(1, C, 1, 1)` bias a
+# channels_first convolution adds: a channels_first convolution whose last spatial
+# size equals its filter count (a 64x64 map with 64 filters) adds its bias along the
+# width instead of the channels. With free sizes (None) the same layer adds it right,
+# so a model trained on fixed tiles would compute something else when served at any
+# size. These subclasses add the bias first (`ops.add(bias, x)`), a plain broadcast;
+# `blocks.conv` and `blocks.conv_transpose` build them for channels_first. They keep
+# Keras's class names, so `model.summary()` reads as before.
+
+
+def _add_channels_first_bias(layer, outputs):
+    bias = ops.reshape(layer.bias, (1, layer.filters) + (1,) * layer.rank)
+    outputs = ops.add(bias, outputs)
+    return layer.activation(outputs) if layer.activation is not None else outputs
+
+
+class _ChannelsFirstConv:
+    def call(self, inputs):
+        if self.data_format != "channels_first" or not self.use_bias:
+            return super().call(inputs)
+        return _add_channels_first_bias(self, self.convolution_op(inputs, self.kernel))
+
+
+class _ChannelsFirstConvTranspose:
+    def call(self, inputs):
+        if self.data_format != "channels_first" or not self.use_bias:
+            return super().call(inputs)
+        outputs = ops.conv_transpose(
+            inputs, self.kernel, strides=list(self.strides), padding=self.padding,
+            output_padding=self.output_padding, dilation_rate=self.dilation_rate,
+            data_format=self.data_format)
+        return _add_channels_first_bias(self, outputs)
+
+
+@keras.saving.register_keras_serializable(package="attunet_keras")
+class Conv2D(_ChannelsFirstConv, keras.layers.Conv2D):
+    """`keras.layers.Conv2D` with the channels_first bias added on the channels."""
+
+
+@keras.saving.register_keras_serializable(package="attunet_keras")
+class Conv3D(_ChannelsFirstConv, keras.layers.Conv3D):
+    """`keras.layers.Conv3D` with the channels_first bias added on the channels."""
+
+
+@keras.saving.register_keras_serializable(package="attunet_keras")
+class Conv2DTranspose(_ChannelsFirstConvTranspose, keras.layers.Conv2DTranspose):
+    """`keras.layers.Conv2DTranspose` with the channels_first bias on the channels."""
+
+
+@keras.saving.register_keras_serializable(package="attunet_keras")
+class Conv3DTranspose(_ChannelsFirstConvTranspose, keras.layers.Conv3DTranspose):
+    """`keras.layers.Conv3DTranspose` with the channels_first bias on the channels."""

@@ -179,3 +179,23 @@ def test_attention_up_and_concat_accepts_unknown_spatial_sizes(data_format):
     )
     expected = (1, 12, 6, 10) if data_format == "channels_first" else (1, 6, 10, 12)
     assert out.shape == expected
+
+
+@pytest.mark.parametrize("rank, transpose", [(2, False), (3, False), (2, True), (3, True)])
+def test_channels_first_convolutions_equal_channels_last_when_a_size_equals_the_filters(
+        rank, transpose):
+    """A channels_first map whose last spatial size equals the filter count (4 here):
+    Keras 3.15's own layer adds the bias along that axis on TensorFlow (see
+    `attunet_keras.layers.Conv2D`); the package's convolutions add it on the channels,
+    so both layouts compute the same."""
+    factory = blocks.conv_transpose if transpose else blocks.conv
+    images = np.random.default_rng(0).normal(size=(2, 3) + (4,) * rank).astype("float32")
+    first = factory(rank, 4, 3, padding="same", data_format="channels_first",
+                    bias_initializer="random_normal")
+    last = factory(rank, 4, 3, padding="same", data_format="channels_last")
+    first.build(images.shape)
+    last.build((2,) + images.shape[2:] + (3,))
+    last.set_weights(first.get_weights())
+    assert float(np.abs(first.get_weights()[1]).min()) > 0  # a bias to misplace
+    expected = np.moveaxis(np.asarray(last(np.moveaxis(images, 1, -1))), -1, 1)
+    np.testing.assert_allclose(np.asarray(first(images)), expected, atol=1e-5)
