@@ -324,6 +324,7 @@ def _predict(args):
 def _predict_images(args, names, model, channels, n_label):
     from attunet_keras import data
     from attunet_keras import inference
+    from attunet_keras import visualize
 
     for name, image, normalized, source in _inputs(args, names):
         image = inference.convert_channels(image, channels, args.channels, source)
@@ -338,8 +339,8 @@ def _predict_images(args, names, model, channels, n_label):
             normalized=normalized)
         labels = inference.labels_from_probabilities(probabilities, args.threshold)
         shown = image if normalized else data.normalize(image)
-        inference.save_png(paths[0], inference.mask_png(labels, n_label))
-        inference.save_png(paths[1], inference.overlay(shown, labels))
+        visualize.save_png(paths[0], visualize.mask_png(labels, n_label))
+        visualize.save_png(paths[1], visualize.overlay(shown, labels))
         print(f"Wrote {paths[0]} and {paths[1]} ({labels.shape[0]}x{labels.shape[1]})")
 
 
@@ -400,6 +401,7 @@ def _predict_volumes(args, names):
 def _attention(args):
     from attunet_keras import data
     from attunet_keras import inference
+    from attunet_keras import visualize
 
     _check_output(args, (".png",))
     if args.input and os.path.isdir(args.input):
@@ -420,7 +422,7 @@ def _attention(args):
         probabilities, gate_maps = inference.attention_maps(model, image,
                                                             normalized=normalized)
     shown = image if normalized else data.normalize(image)
-    inference.attention_figure(args.output, shown, probabilities, gate_maps,
+    visualize.attention_figure(args.output, shown, probabilities, gate_maps,
                                title=f"Attention gates of {model.name} on {name}")
     print(f"Wrote {args.output}: {len(gate_maps)} gates "
           f"({', '.join(f'{g} {m.shape[0]}x{m.shape[1]}' for g, m in gate_maps.items())})")
@@ -441,12 +443,12 @@ def _volume_model(args, volume_path):
 
 def _attention_volume(args):
     """attention on a NIfTI volume: a figure of its middle slice and one NIfTI per gate."""
-    from attunet_keras import inference
+    from attunet_keras import visualize
 
     if not os.path.isfile(args.input):
         raise FileNotFoundError(f"{args.input}: no such file.")
     model = _volume_model(args, args.input)
-    written = inference.attention_nifti(model, args.input, args.output)
+    written = visualize.attention_nifti(model, args.input, args.output)
     print(f"Wrote {args.output} (the middle slice) and {len(written)} gate map(s): "
           + ", ".join(written.values()))
     return 0

@@ -1,111 +1,32 @@
-"""Loading models, prediction on whole images, attention maps, and the PNGs that show them.
+"""Prediction: whole images, sliding windows, test-time augmentation, attention maps.
 
 A model trained on tiles runs on images of any size: `fully_convolutional` rebuilds it
 with free spatial sizes and the same weights, and `predict_probabilities` pads the
-image to a multiple of `2**depth`, predicts and crops back. `serving_model` does the
-same inside the graph, for exports. `attention_model` exposes the coefficient map of
-every attention gate (the `*_gate_sigmoid` layers) as extra outputs. `load_model`
-reads a `.keras` file with one clear error for anything that is not a model.
+image to a multiple of `2**depth`, predicts and crops back. `predict_image` makes the
+choice `attunet-keras predict` makes (the whole image, or sliding windows, with or
+without flips). `serving_model` does the padding inside the graph, for exports.
+`attention_model` exposes the coefficient map of every attention gate (the
+`*_gate_sigmoid` layers) as extra outputs. Facts about a model (its layout, channels,
+depth) are in `model_info`; figures and PNGs in `visualize`.
 """
 
 import itertools
 import os
-import zipfile
 
 import numpy as np
 
 from attunet_keras import data as data_lib
 from attunet_keras import runs
-
-GATE_SUFFIX = "_gate_sigmoid"
-
-
-def load_model(path):
-    """Loads a `.keras` model file (safe mode), with one clear error for a bad file.
-
-    Raises:
-        FileNotFoundError: no such file.
-        ValueError: not a `.keras` file name, or a file that is not a valid Keras
-            model archive (not a zip, truncated, or weights that do not load).
-    """
-    import keras
-
-    path = os.fspath(path)
-    if os.path.isdir(path):
-        if os.path.isfile(os.path.join(path, "config.json")):
-            hint = "it is a training run: give its best.keras (or --run on the command line)"
-        else:
-            hint = "give the path of a .keras file"
-        raise ValueError(f"{path} is a folder, not a .keras model file; {hint}.")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: no such file (a .keras model was expected).")
-    if not path.endswith(".keras"):
-        raise ValueError(
-            f"{path} is not a .keras file; save models with model.save('name.keras')."
-        )
-    if not zipfile.is_zipfile(path):
-        raise ValueError(f"{path} is not a Keras model file (not a .keras zip archive).")
-    try:
-        return keras.saving.load_model(path, safe_mode=True)
-    except Exception as error:  # any failure inside the archive means the same here
-        detail = " ".join(str(error).split())[:200]
-        raise ValueError(
-            f"{path} is not a valid Keras model file: {type(error).__name__}: {detail}"
-        ) from error
-
-
-def is_volume_model(model):
-    """True for a model of volumes (5D input, e.g. `att_unet_3d`)."""
-    return len(model.inputs[0].shape) == 5
-
-
-def input_channels(model):
-    """The channel count of a model's input."""
-    return model.inputs[0].shape[1 if model_data_format(model) == "channels_first" else -1]
-
-
-def output_channels(model):
-    """The channel count of a model's (main) output."""
-    output = model.outputs[0]
-    return output.shape[1 if model_data_format(model) == "channels_first" else -1]
-
-
-def all_layers(model):
-    """Every layer of `model`, those of models nested in it included."""
-    import keras
-
-    for layer in model.layers:
-        yield layer
-        if isinstance(layer, keras.Model):
-            yield from all_layers(layer)
-
-
-def model_data_format(model):
-    """The `data_format` of a model's convolutions."""
-    import keras
-
-    for layer in all_layers(model):
-        if isinstance(layer, (keras.layers.Conv2D, keras.layers.Conv3D)):
-            return layer.data_format
-    raise ValueError(f"model {model.name!r} has no convolution to read data_format from.")
-
-
-def pooling_levels(model):
-    """Number of 2x2 max-pooling levels: input sizes must be multiples of 2**levels."""
-    import keras
-
-    return sum(isinstance(layer, (keras.layers.MaxPooling2D, keras.layers.MaxPooling3D))
-               for layer in all_layers(model))
-
-
-def size_multiple(model):
-    """What every input size must be a multiple of: 2**pooling levels, or 32 with a
-    `keras.applications` backbone (its output is at stride 32)."""
-    from attunet_keras import layers as layers_lib
-
-    if any(isinstance(layer, layers_lib.BackbonePreprocessing) for layer in all_layers(model)):
-        return 32
-    return 2 ** pooling_levels(model)
+from attunet_keras.model_info import GATE_SUFFIX  # noqa: F401  (re-exported)
+from attunet_keras.model_info import gate_layers
+from attunet_keras.model_info import input_channels
+from attunet_keras.model_info import is_volume_model  # noqa: F401  (re-exported)
+from attunet_keras.model_info import load_model  # noqa: F401  (re-exported)
+from attunet_keras.model_info import model_data_format
+from attunet_keras.model_info import needs_static_sizes
+from attunet_keras.model_info import output_channels  # noqa: F401  (re-exported)
+from attunet_keras.model_info import own_size  # noqa: F401  (re-exported)
+from attunet_keras.model_info import size_multiple
 
 
 def fully_convolutional(model):
@@ -159,14 +80,6 @@ def serving_model(model):
     return keras.Model(images, cropped, name=f"{model.name}_serving")
 
 
-def needs_static_sizes(model):
-    """True when a layer of `model` cannot run on sizes known only at run time."""
-    import keras
-
-    return any(isinstance(layer, keras.layers.UpSampling2D)
-               and layer.interpolation != "nearest" for layer in model.layers)
-
-
 def convert_channels(image, channels, conversion=None, path="the image"):
     """An (H, W, C) image with the model's `channels`, converted or refused.
 
@@ -210,11 +123,6 @@ def _with_free_sizes(model, patch=None):
     if all(size is None for size in spatial) or tuple(spatial) == tuple(patch or ()):
         return model
     return fully_convolutional(model)
-
-
-def gate_layers(model):
-    """The attention gates' sigmoid layers (`*_gate_sigmoid`), deepest gate first."""
-    return [layer for layer in model.layers if layer.name.endswith(GATE_SUFFIX)]
 
 
 def attention_model(model):
@@ -548,87 +456,6 @@ def attention_maps_sliding_window(model, image, patch_size, *, overlap=0.5,
                         for name, result in zip(gate_names, results[1:])}
 
 
-# ------------------------------------------------------------------------- images
-
-_CLASS_COLOURS = np.array(
-    [[0, 0, 0], [255, 60, 60], [60, 200, 255], [255, 210, 0], [120, 255, 120],
-     [200, 100, 255]], dtype="float32")
-
-
-def display_image(image):
-    """An (H, W, 3) uint8 view of a normalised image (channel mean when not RGB)."""
-    image = np.asarray(image, dtype="float32")
-    if image.ndim == 3 and image.shape[-1] != 3:
-        image = image.mean(axis=-1)
-    if image.ndim == 2:
-        image = np.repeat(image[..., None], 3, axis=-1)
-    low, high = float(image.min()), float(image.max())
-    scaled = (image - low) / max(high - low, 1e-6)
-    return (scaled * 255).astype("uint8")
-
-
-def overlay(image, labels, alpha=0.45):
-    """The image with every non-background class tinted and outlined in its colour."""
-    base = display_image(image).astype("float32")
-    labels = np.asarray(labels)
-    colours = _CLASS_COLOURS[labels % len(_CLASS_COLOURS)]
-    foreground = (labels > 0)[..., None]
-    tinted = np.where(foreground, (1 - alpha) * base + alpha * colours, base)
-    edges = np.zeros(labels.shape, dtype=bool)
-    edges[1:, :] |= labels[1:, :] != labels[:-1, :]
-    edges[:, 1:] |= labels[:, 1:] != labels[:, :-1]
-    edge_colours = _CLASS_COLOURS[np.maximum(labels, 1) % len(_CLASS_COLOURS)]
-    tinted[edges] = edge_colours[edges]
-    return tinted.astype("uint8")
-
-
-def mask_png(labels, n_label):
-    """A mask image: 0/255 for binary masks, the class index for classes (8-bit, or
-    16-bit above 256 classes)."""
-    if n_label == 1:
-        return np.asarray(labels, dtype="uint8") * 255
-    return np.asarray(labels, dtype="uint8" if n_label <= 256 else "uint16")
-
-
-def save_png(path, array):
-    from PIL import Image
-
-    Image.fromarray(np.asarray(array)).save(path)
-
-
-def attention_figure(path, image, probabilities, gate_maps, title=None):
-    """One figure: the image, the prediction and every gate's attention map."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib import pyplot as plt
-
-    labels = labels_from_probabilities(probabilities)
-    panels = 2 + len(gate_maps)
-    height, width = labels.shape
-    panel_height = 5.0 if height > width else 3.2
-    panel_width = max(1.8, panel_height * width / height) + 0.9  # room for a colour bar
-    figure, axes = plt.subplots(1, panels, figsize=(panel_width * panels, panel_height + 0.9),
-                                squeeze=False)
-    axes = axes[0]
-    axes[0].imshow(display_image(image))
-    axes[0].set_title("image")
-    axes[1].imshow(overlay(image, labels))
-    axes[1].set_title("prediction")
-    for axis, (name, gate_map) in zip(axes[2:], gate_maps.items()):
-        shown = axis.imshow(gate_map, cmap="magma", vmin=0.0, vmax=1.0,
-                            extent=(0, width, height, 0), interpolation="nearest")
-        axis.set_title(f"{name} gate {gate_map.shape[0]}x{gate_map.shape[1]}\n"
-                       f"alpha in [{gate_map.min():.2f}, {gate_map.max():.2f}]")
-        figure.colorbar(shown, ax=axis, fraction=0.046, pad=0.04)
-    for axis in axes:
-        axis.set_xticks([])
-        axis.set_yticks([])
-    if title:
-        figure.suptitle(title)
-    figure.tight_layout()
-    figure.savefig(path, dpi=100)
-    plt.close(figure)
 
 
 def image_files(path):
@@ -646,52 +473,8 @@ def image_files(path):
     return files
 
 
-def attention_nifti(model, path, output):
-    """The attention gates of a 3D model on a NIfTI volume, as NIfTI files and a figure.
-
-    Writes `output` (a PNG of the middle slice along the first axis: the volume, the
-    prediction and every gate's map) and, beside it, `STEM_{gate}.nii.gz` for each
-    gate: its coefficients on its own grid, with the input's affine scaled to that
-    grid (a gate voxel covers `f` input voxels per axis; its centre is kept).
-
-    Returns:
-        `{gate name: path of its NIfTI file}`.
-    """
-    import nibabel
-
-    array, affine, _ = data_lib.read_volume(path)
-    volume = data_lib.normalize_volume(array)
-    probabilities, gate_maps = attention_maps(model, volume, normalized=True)
-    stem = os.path.splitext(output)[0]
-    written = {}
-    for name, gate_map in gate_maps.items():
-        factor = np.array([-(-side // grid) for side, grid in
-                           zip(volume.shape[:3], gate_map.shape)], "float64")
-        to_input = np.diag(list(factor) + [1.0])
-        to_input[:3, 3] = (factor - 1.0) / 2.0
-        gate_path = f"{stem}_{name}.nii.gz"
-        nibabel.save(nibabel.Nifti1Image(gate_map.astype("float32"), affine @ to_input),
-                     gate_path)
-        written[name] = gate_path
-    middle = volume.shape[0] // 2
-    slices = {name: gate_map[min(middle * gate_map.shape[0] // volume.shape[0],
-                                 gate_map.shape[0] - 1)]
-              for name, gate_map in gate_maps.items()}
-    attention_figure(output, volume[middle], probabilities[middle], slices,
-                     title=f"Attention gates of {model.name}, slice {middle} of "
-                           f"{os.path.basename(path)}")
-    return written
-
-
 # The patch of `predict_nifti` for a model with free spatial sizes and no --patch.
 DEFAULT_VOLUME_PATCH = 64
-
-
-def own_size(model):
-    """The model's fixed spatial input size as a tuple, or None when any is free."""
-    shape = tuple(model.inputs[0].shape)
-    spatial = shape[2:] if model_data_format(model) == "channels_first" else shape[1:-1]
-    return None if any(side is None for side in spatial) else tuple(spatial)
 
 
 def predict_nifti(model, path, output, patch_size, *, overlap=0.5, tta=False,

@@ -4,7 +4,9 @@ Keras 3's `fit` fails under `MultiWorkerMirroredStrategy` (keras-team/keras#2058
 `attunet-keras train --strategy multiworker` runs its own loop instead: the optimizer's
 variables are created before the step is traced, each step runs the model and
 `model.compute_loss` (which divides the loss by the replica count) under
-`strategy.run`, and the Keras optimizer sums the gradients across workers. The run
+`strategy.run`, and the Keras optimizer sums the gradients across workers. Every epoch ends in the
+same `recorder.RunRecorder` as under `fit` (validation on the same fixed held-out
+batches, the log, the best checkpoint, the backups, the NaN stop). The run
 folder is the same as for `fit`: worker 0 (the chief) writes the log, the best
 checkpoint, the resumable backups and the result; every worker also writes its final
 weights to `workers/worker{index}.weights.h5`.
@@ -33,7 +35,6 @@ resumes from the chief's last backup.
 """
 
 import contextlib
-import csv
 import json
 import os
 import shutil
@@ -45,6 +46,9 @@ import numpy as np
 
 from attunet_keras import data as data_lib
 from attunet_keras import distribute
+from attunet_keras import evaluation
+from attunet_keras import recorder as recorder_lib
+from attunet_keras import run_folder
 from attunet_keras import runs
 from attunet_keras import training
 
@@ -160,9 +164,9 @@ def train(config, *, overwrite=False, verbose="auto", cluster_timeout=CLUSTER_TI
     check_port_free(address)
     output = os.path.abspath(config.output)
     if chief:
-        resuming = training.check_output(config, output, overwrite)
+        resuming = run_folder.check_output(config, output, overwrite)
     else:
-        resuming = training.backup_progress(os.path.join(output, training.BACKUP_DIR)) \
+        resuming = run_folder.backup_progress(os.path.join(output, run_folder.BACKUP_DIR)) \
             is not None
     config, dataset = training.run_dataset(config, output, resuming)
     training.check_backbone_weights(config)
@@ -180,11 +184,11 @@ def train(config, *, overwrite=False, verbose="auto", cluster_timeout=CLUSTER_TI
     # formed (a worker ended while waiting for it leaves nothing behind) and checks the
     # folder again under it; the other workers write nothing there.
     with runs.folder_lock(output) if chief else contextlib.nullcontext():
-        if chief and training.check_output(config, output, overwrite) != resuming:
+        if chief and run_folder.check_output(config, output, overwrite) != resuming:
             raise ValueError(f"output {output} changed while the workers joined (another "
                              "process wrote to it); run the command again.")
         if chief:
-            training.start_output(config, output, overwrite, resuming)
+            run_folder.start_output(config, output, overwrite, resuming)
         return _run_guarded(config, output, resuming, dataset, strategy, global_batch,
                             steps, chief, task_index, verbose)
 
@@ -196,7 +200,7 @@ def _run_guarded(config, output, resuming, dataset, strategy, global_batch, step
 
     with distribute.precision_policy(config.precision):
         try:
-            with training.stop_on_read_failure(os.path.join(output, training.BACKUP_DIR)):
+            with training.stop_on_read_failure(os.path.join(output, run_folder.BACKUP_DIR)):
                 return _run(config, output, resuming, dataset, strategy, global_batch,
                             steps, chief, task_index, verbose)
         except tf.errors.OpError as error:
@@ -220,14 +224,16 @@ def _run(config, output, resuming, dataset, strategy, global_batch, steps, chief
         # traced, replicated step.
         model.optimizer.build(model.trainable_variables)
     outputs = len(model.outputs)
-    backup_dir = os.path.join(output, training.BACKUP_DIR)
-    resumed_epoch = training.restore_backup(model, backup_dir) if resuming else 0
-    log_path = os.path.join(output, training.LOG_FILE)
-    monitor = training.monitor_name(model)
-    best = training.trim_log(log_path, resumed_epoch, monitor) if chief else None
-    if chief and resuming and training.drop_broken_checkpoint(
-            os.path.join(output, training.BEST_MODEL)):
-        best = None
+    backup_dir = os.path.join(output, run_folder.BACKUP_DIR)
+    resumed_epoch = run_folder.restore_backup(model, backup_dir) if resuming else 0
+    monitor = recorder_lib.monitor_name(model)
+    best_path = os.path.join(output, run_folder.BEST_MODEL)
+    best = None
+    if chief:
+        best = run_folder.trim_log(os.path.join(output, run_folder.LOG_FILE),
+                                   resumed_epoch, monitor)
+        if resuming and run_folder.drop_broken_checkpoint(best_path):
+            best = None
 
     def dataset_fn(context):
         # No auto-sharding applies to distribute_datasets_from_function: each worker's
@@ -248,8 +254,11 @@ def _run(config, output, resuming, dataset, strategy, global_batch, steps, chief
             lambda tensor: tensor[start:start + per_replica], (images, targets)))
 
     iterator = iter(strategy.distribute_datasets_from_function(dataset_fn))
-    # Every worker validates on the same fixed held-out batches as a fit run does.
+    # Every worker validates on the same fixed held-out batches as a fit run does, and
+    # ends its epochs in the same recorder; only the chief writes.
     val_data = training.validation_data(config, dataset, global_batch, outputs)
+    recorder = training.run_recorder(config, dataset, model, output, val_data, best=best,
+                                     write=chief)
 
     @tf.function
     def train_step(iterator):
@@ -261,6 +270,9 @@ def _run(config, output, resuming, dataset, strategy, global_batch, steps, chief
                 scaled = model.optimizer.scale_loss(loss)
             gradients = tape.gradient(scaled, model.trainable_variables)
             model.optimizer.apply_gradients(zip(gradients, model.trainable_variables))
+            # The compiled metrics on the training batches, per replica, as Keras's own
+            # train_step updates them; `run_epochs` reads them summed over replicas.
+            model.compute_metrics(images, targets, predictions)
             return loss
 
         per_replica_loss = strategy.run(step, args=next(iterator))
@@ -273,48 +285,47 @@ def _run(config, output, resuming, dataset, strategy, global_batch, steps, chief
     if resuming:
         print(f"Worker {task_index}: resuming {output} from its backup at epoch "
               f"{resumed_epoch + 1}")
-    for epoch in range(resumed_epoch, config.epochs):
-        losses = []
-        for step_index in range(steps):
-            loss = float(train_step(iterator))
-            if not np.isfinite(loss):
-                raise RuntimeError(
-                    f"training stopped: the loss became NaN in epoch {epoch + 1}; lower "
-                    f"--learning-rate (was {config.learning_rate})."
-                )
-            losses.append(loss)
-            if chief and (step_index + 1) % config.backup_every == 0:
-                training.save_backup(model, backup_dir, epoch, step_index + 1)
-        scores = training.validation_scores(model, val_data, dataset, config)
-        row = {"epoch": epoch, "loss": float(np.mean(losses))}
-        row.update({f"val_{name}": value for name, value in scores.items()})
-        say(f"Epoch {epoch + 1}/{config.epochs} - loss {row['loss']:.4f} - "
-            + " - ".join(f"val_{name} {value:.4f}" for name, value in scores.items()))
-        if chief:
-            _append_log(log_path, row)
-            score = row.get(monitor, row.get("val_dice"))
-            if best is None or score > best:
-                best = score
-                model.save(os.path.join(output, training.BEST_MODEL))
-            training.save_backup(model, backup_dir, epoch + 1, 0)
+    run_epochs(model, recorder, lambda: float(train_step(iterator)), resumed_epoch,
+               config.epochs, steps, say)
+    if recorder.nan_epoch is not None:
+        raise training.nan_stop(recorder.nan_epoch, config, output)
 
     workers_dir = os.path.join(output, "workers")
     os.makedirs(workers_dir, exist_ok=True)
     model.save_weights(os.path.join(workers_dir, f"worker{task_index}.weights.h5"))
-    result = training.evaluate_model(model, dataset, config)
+    result = evaluation.evaluate_model(model, dataset, config)
     if chief:
-        model.save(os.path.join(output, training.LAST_MODEL))
-        best_result = training.evaluate_run(output, dataset=dataset)
-        runs.write_json(os.path.join(output, training.RESULT_FILE), best_result)
+        model.save(os.path.join(output, run_folder.LAST_MODEL))
+        best_result = evaluation.evaluate_run(output, dataset=dataset)
+        runs.write_json(os.path.join(output, run_folder.RESULT_FILE), best_result)
         shutil.rmtree(backup_dir, ignore_errors=True)
         return best_result
     return result
 
 
-def _append_log(path, row):
-    new = not os.path.isfile(path) or os.path.getsize(path) == 0
-    with open(path, "a", newline="") as file:
-        writer = csv.DictWriter(file, fieldnames=list(row))
-        if new:
-            writer.writeheader()
-        writer.writerow(row)
+def run_epochs(model, recorder, train_step, first_epoch, epochs, steps, say=print):
+    """The multi-worker loop's epochs: `steps` calls of `train_step() -> loss` each
+    (which also updates the model's compiled metrics), with the `recorder.RunRecorder`
+    called as `fit` calls its callbacks (it validates, logs, checkpoints, backs up,
+    and stops on NaN). Every worker runs it in step: reading the metrics sums them
+    over the replicas of all workers."""
+    recorder.set_model(model)
+    model.stop_training = False
+    for epoch in range(first_epoch, epochs):
+        model.reset_metrics()
+        recorder.on_epoch_begin(epoch)
+        losses = []
+        for step_index in range(steps):
+            losses.append(train_step())
+            recorder.on_train_batch_end(step_index, {"loss": losses[-1]})
+            if model.stop_training:
+                return
+        # As fit's epoch logs: the compiled metrics, with the epoch's mean loss (the
+        # steps' batches are all of one size).
+        logs = {name: float(value) for name, value in model.get_metrics_result().items()}
+        logs["loss"] = float(np.mean(losses))
+        recorder.on_epoch_end(epoch, logs)
+        if model.stop_training:
+            return
+        say(f"Epoch {epoch + 1}/{epochs} - " + " - ".join(
+            f"{name} {value:.4f}" for name, value in logs.items()))

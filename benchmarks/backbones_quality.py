@@ -29,6 +29,7 @@ def main():
     import keras
 
     from attunet_keras import data
+    from attunet_keras import evaluation
     from attunet_keras import training
     from machine import machine
 
@@ -56,7 +57,7 @@ def main():
         budget = Budget(args.seconds)
         model.fit(data.training_dataset(dataset, config.batch_size, seed=config.seed),
                   epochs=10_000, steps_per_epoch=20, callbacks=[budget], verbose=0)
-        result = training.evaluate_model(model, dataset, config)
+        result = evaluation.evaluate_model(model, dataset, config)
         rows.append({"model": backbone or "att_unet", "parameters": model.count_params(),
                      "steps": budget.steps, "seconds": round(time.perf_counter() - budget.start, 1),
                      "held_out_dice": round(result["model"]["dice"], 4),

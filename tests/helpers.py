@@ -28,14 +28,14 @@ def kill_training_at(command, backup_dir, reached, what, seconds=300, env=None):
     """Starts `command` (an `attunet-keras train`), waits until the backup progress in
     `backup_dir` satisfies `reached(progress)`, then SIGKILLs it; fails the test if the
     process ends first or nothing `what` names appears within `seconds`."""
-    from attunet_keras import training
+    from attunet_keras import run_folder
 
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL, env=env)
     deadline = time.time() + seconds
     try:
         while time.time() < deadline:
-            progress = training.backup_progress(str(backup_dir))
+            progress = run_folder.backup_progress(str(backup_dir))
             if progress and reached(progress):
                 break
             if process.poll() is not None:

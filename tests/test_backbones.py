@@ -12,6 +12,7 @@ from attunet_keras import backbones
 from attunet_keras import export
 from attunet_keras import inference
 from attunet_keras import models
+from attunet_keras import run_folder
 from helpers import reflect_padded_prediction
 
 
@@ -116,18 +117,18 @@ def test_a_two_stage_run_stopped_while_frozen_resumes_and_unfreezes(tmp_path, mo
             "--steps-per-epoch", "3", "--batch-size", "2", "--features", "4",
             "--tile", "64", "--backup-every", "1", "--learning-rate", "0.001",
             "--verbose", "0"]
-    save_backup = training.save_backup
+    save_backup = run_folder.save_backup
 
     def stopped_in_the_second_epoch(model, backup_dir, epoch, step):
         save_backup(model, backup_dir, epoch, step)
         if (epoch, step) >= (1, 2):
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(training, "save_backup", stopped_in_the_second_epoch)
+    monkeypatch.setattr(run_folder, "save_backup", stopped_in_the_second_epoch)
     with pytest.raises(KeyboardInterrupt):
         cli.main(argv)
-    monkeypatch.setattr(training, "save_backup", save_backup)
-    progress = training.backup_progress(str(output / "backup"))
+    monkeypatch.setattr(run_folder, "save_backup", save_backup)
+    progress = run_folder.backup_progress(str(output / "backup"))
     assert progress["frozen"] and (progress["epoch"], progress["step"]) == (1, 2), progress
 
     capsys.readouterr()

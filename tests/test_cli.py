@@ -14,6 +14,7 @@ from PIL import Image
 
 from attunet_keras import cli
 from attunet_keras import commands
+from attunet_keras import visualize
 
 TINY = ["--img-w", "32", "--img-h", "32", "--depth", "2", "--features", "4"]
 
@@ -201,7 +202,7 @@ def test_predict_by_sliding_windows_above_the_patch_size(tiny_run, tmp_path, cap
                 model, data.read_image(str(folder / "small.png")), (40, 60), tta=True))):
         with Image.open(output / f"{name}_mask.png") as mask:
             np.testing.assert_array_equal(
-                np.asarray(mask), inference.mask_png(
+                np.asarray(mask), visualize.mask_png(
                     inference.labels_from_probabilities(expected), 1))
     with pytest.raises(SystemExit):
         cli.main(["predict", str(folder), "--model", model_path, "--output",

@@ -6,6 +6,7 @@ from PIL import Image
 
 from attunet_keras import inference
 from attunet_keras import models
+from attunet_keras import visualize
 from helpers import image_batch
 from helpers import reflect_padded_prediction
 
@@ -95,7 +96,7 @@ def test_overlay_tints_and_outlines_the_foreground():
     image = np.zeros((10, 10, 1), "float32")
     labels = np.zeros((10, 10), "uint8")
     labels[3:7, 3:7] = 1
-    picture = inference.overlay(image, labels)
+    picture = visualize.overlay(image, labels)
     assert picture.shape == (10, 10, 3) and picture.dtype == np.uint8
     assert picture[0, 0].tolist() == [0, 0, 0]       # background untouched
     assert picture[5, 5, 0] > picture[5, 5, 2]       # class 1 tinted red
@@ -106,7 +107,7 @@ def test_attention_figure_writes_a_png(tmp_path):
     image = np.random.default_rng(0).random((64, 32, 1)).astype("float32")
     maps = {"dec2": np.full((32, 16), 0.2), "dec1": np.full((64, 32), 0.9)}
     path = tmp_path / "attention.png"
-    inference.attention_figure(str(path), image, np.full((64, 32, 1), 0.7), maps,
+    visualize.attention_figure(str(path), image, np.full((64, 32, 1), 0.7), maps,
                                title="test")
     with Image.open(path) as picture:
         width, height = picture.size

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from attunet_keras import data
+from attunet_keras import run_folder
 from attunet_keras import training
 from helpers import write_pairs
 
@@ -93,6 +94,19 @@ def test_two_workers_end_with_the_weights_of_one_process(tmp_path):
         np.testing.assert_allclose(a, c, atol=1e-4)
     assert not np.allclose(worker0[1], 0.0)
     assert (tmp_path / "multi" / "result.json").is_file()
+    # Both loops end their epochs in one recorder: the same log columns, one row per
+    # epoch, and validation on the same fixed held-out batches.
+    logs = {}
+    for name in ("multi", "single"):
+        with open(tmp_path / name / "log.csv") as file:
+            reader = csv.DictReader(file)
+            logs[name] = (reader.fieldnames, list(reader))
+    assert logs["multi"][0] == logs["single"][0]
+    assert "dice" in logs["multi"][0] and "val_dice" in logs["multi"][0]
+    assert [row["epoch"] for row in logs["multi"][1]] == ["0", "1"]
+    assert [row["epoch"] for row in logs["single"][1]] == ["0", "1"]
+    for multi, single in zip(logs["multi"][1], logs["single"][1]):
+        assert float(multi["val_dice"]) == pytest.approx(float(single["val_dice"]), abs=1e-3)
 
 
 def test_each_worker_reads_its_own_share_of_the_training_files(tmp_path):
@@ -134,7 +148,7 @@ def test_a_killed_worker_stops_the_other_and_both_resume(tmp_path):
     deadline = time.time() + 240
     try:
         while time.time() < deadline:
-            progress = training.backup_progress(str(output / "backup"))
+            progress = run_folder.backup_progress(str(output / "backup"))
             if progress and progress["epoch"] >= 1 and progress["step"] >= 2:
                 break
             if chief.poll() is not None or worker.poll() is not None:
@@ -155,7 +169,7 @@ def test_a_killed_worker_stops_the_other_and_both_resume(tmp_path):
     assert "worker 0 lost contact with the other workers" in chief_output
     assert "Start every worker again with the same command" in chief_output
     assert time.time() - killed_at < 150
-    resume_epoch = training.backup_progress(str(output / "backup"))["epoch"]
+    resume_epoch = run_folder.backup_progress(str(output / "backup"))["epoch"]
     assert resume_epoch >= 1
 
     processes = _start_workers(output, extra, _free_ports(2))

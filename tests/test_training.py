@@ -12,7 +12,10 @@ import numpy as np
 import pytest
 
 from attunet_keras import data
+from attunet_keras import evaluation
 from attunet_keras import inference
+from attunet_keras import recorder as recorder_lib
+from attunet_keras import run_folder
 from attunet_keras import training
 from helpers import kill_training_at
 from helpers import write_pairs
@@ -136,12 +139,13 @@ def test_backup_restores_weights_optimizer_state_and_epoch(tmp_path):
     dataset = data.nuclei(tile=64)
     keras.utils.set_random_seed(0)
     model = training.build_model(config, dataset)
+    recorder = recorder_lib.RunRecorder(str(tmp_path), lambda model: {"val_dice": 0.5},
+                                        backup_every=2)
     model.fit(data.training_dataset(dataset, 4), epochs=2,
-              steps_per_epoch=3, verbose=0, shuffle=False,
-              callbacks=[training.ResumableBackup(str(tmp_path / "backup"), save_freq=2)])
+              steps_per_epoch=3, verbose=0, shuffle=False, callbacks=[recorder])
 
     fresh = training.build_model(config, dataset)
-    epoch = training.restore_backup(fresh, str(tmp_path / "backup"))
+    epoch = run_folder.restore_backup(fresh, str(tmp_path / "backup"))
 
     assert epoch == 2
     assert int(fresh.optimizer.iterations.numpy()) == 6
@@ -169,7 +173,7 @@ def test_a_killed_run_resumes_where_it_was(tmp_path):
                      "mid-epoch backup", seconds=240, env=environment)
 
     assert not (output / "result.json").exists()
-    resume_epoch = training.backup_progress(str(output / "backup"))["epoch"]
+    resume_epoch = run_folder.backup_progress(str(output / "backup"))["epoch"]
     assert resume_epoch >= 2  # two epochs done: not a restart from scratch
     with open(output / "log.csv") as file:
         epochs_before = [int(row["epoch"]) for row in csv.DictReader(file)]
@@ -292,7 +296,7 @@ def test_many_classes_skip_the_multi_otsu_baseline(tmp_path):
                                tuple(f"c{i}" for i in range(n_label)))
     model = models.att_unet(32, 32, n_label, depth=2, features=4, in_channels=1,
                             data_format="channels_last", output_activation="softmax")
-    result = training.evaluate_model(model, dataset, _tiny_config(tmp_path))
+    result = evaluation.evaluate_model(model, dataset, _tiny_config(tmp_path))
     assert result["otsu"] is None
     assert "multi-Otsu is skipped above 5 classes" in result["otsu_note"]
     # dataset-wide Dice per class over both held-out images, then the mean of 1..6
@@ -312,11 +316,11 @@ def test_a_model_of_another_task_is_refused(tmp_path):
                                     output_activation="softmax")
     with pytest.raises(ValueError, match=r"gives 3 output channel\(s\) but the run's dataset "
                                          r"'nuclei' is binary .* another task"):
-        training.check_model_fits(three_classes, dataset)
+        evaluation.check_model_fits(three_classes, dataset)
     rgb = models.att_unet(64, 64, 1, depth=2, features=4, in_channels=3)
     with pytest.raises(ValueError, match=r"takes 3 input channel\(s\) but the run's images "
                                          r"have 1"):
-        training.check_model_fits(rgb, dataset)
+        evaluation.check_model_fits(rgb, dataset)
 
 
 def test_training_does_not_import_the_multiworker_loop():
@@ -347,18 +351,18 @@ def test_evaluation_reports_hd95_per_class_in_pixels(tmp_path):
     model = keras.Model(inputs, identity(inputs))
     identity.set_weights([np.eye(3, dtype="float32")[None, None]])
     dataset = data.from_arrays("squares", one_hot, masks, one_hot, masks, 3, ("bg", "a", "b"))
-    scores = training.evaluate_model(model, dataset, _tiny_config(tmp_path))["model"]
+    scores = evaluation.evaluate_model(model, dataset, _tiny_config(tmp_path))["model"]
     assert scores["dice"] == 1.0
     assert scores["hd95_a"] == scores["hd95_b"] == scores["hd95"] == 0.0  # NaN image left out
 
     shifted = np.roll(one_hot, 3, axis=2)
     dataset = data.from_arrays("squares", one_hot, masks, shifted, masks, 3, ("bg", "a", "b"))
-    scores = training.evaluate_model(model, dataset, _tiny_config(tmp_path))["model"]
+    scores = evaluation.evaluate_model(model, dataset, _tiny_config(tmp_path))["model"]
     assert scores["hd95_a"] == pytest.approx(3.0) and scores["hd95_b"] == pytest.approx(3.0)
     assert scores["hd95"] == pytest.approx(3.0)
     masks[2, 18:28, 18:28] = 2  # now the third image's prediction of class b is empty
     dataset = data.from_arrays("squares", one_hot, masks, shifted, masks, 3, ("bg", "a", "b"))
-    scores = training.evaluate_model(model, dataset, _tiny_config(tmp_path))["model"]
+    scores = evaluation.evaluate_model(model, dataset, _tiny_config(tmp_path))["model"]
     assert scores["hd95_b"] == np.inf and scores["hd95_a"] == pytest.approx(3.0)
 
 
@@ -371,7 +375,7 @@ def test_constant_held_out_images_get_no_otsu_baseline_instead_of_an_error(tmp_p
     dataset = data.from_arrays("flat", flat, masks, flat, masks, 3, ("bg", "a", "b"))
     model = models.att_unet(32, 32, 3, depth=2, features=4, in_channels=1,
                             data_format="channels_last", output_activation="softmax")
-    result = training.evaluate_model(model, dataset, _tiny_config(tmp_path))
+    result = evaluation.evaluate_model(model, dataset, _tiny_config(tmp_path))
     assert result["otsu"] is None
     assert result["otsu_note"].startswith("no Otsu baseline: ")
     assert set(result["model"]) >= {"dice", "hd95", "hd95_a", "hd95_b"}
@@ -483,7 +487,7 @@ def test_a_run_killed_in_its_final_evaluation_says_so_when_resumed(tmp_path, mon
     config = _tiny_config(tmp_path, epochs=1, steps_per_epoch=1)
     with pytest.raises(KeyboardInterrupt):
         training.train(config, verbose=0)
-    assert training.backup_progress(str(tmp_path / "run" / "backup"))["epoch"] == 1
+    assert run_folder.backup_progress(str(tmp_path / "run" / "backup"))["epoch"] == 1
     monkeypatch.setattr(training, "evaluate_run", evaluate_run)
     capsys.readouterr()
     training.train(config, verbose=0)
@@ -542,32 +546,128 @@ def test_two_runs_share_one_cache_at_once(tmp_path):
             assert entry["image"].shape == (64, 64, 1) and entry["mask"].shape == (64, 64)
 
 
-def test_the_multiworker_validation_equals_fit_s_on_the_same_batches(tmp_path):
-    """Both loops validate each epoch on `validation_data`: the multi-worker loop's
-    `validation_scores` are fit's compiled metrics on those batches."""
-    config = _tiny_config(tmp_path, val_batches=1, n_label=None)
+@pytest.mark.parametrize("deep_supervision", [False, True])
+def test_the_recorder_s_validation_equals_keras_evaluate_on_the_same_batches(
+        tmp_path, deep_supervision):
+    """Both loops validate each epoch with `recorder.validation_scores` on
+    `validation_data`: its loss and Dice are Keras's compiled loss (every output,
+    weighted) and the main output's metrics on those batches."""
+    config = _tiny_config(tmp_path, val_batches=1, deep_supervision=deep_supervision)
     dataset = data.nuclei(tile=64)
     model = training.build_model(config, dataset)
-    val_data = training.validation_data(config, dataset, 4)
+    outputs = len(model.outputs)
+    val_data = training.validation_data(config, dataset, 4, outputs)
     evaluated = model.evaluate(val_data, return_dict=True, verbose=0)
-    scores = training.validation_scores(model, val_data, dataset, config)
-    assert scores["dice"] == pytest.approx(evaluated["dice"], abs=1e-6)
-    assert scores["iou"] == pytest.approx(evaluated["iou"], abs=1e-6)
+    _, weights = training.run_loss(config, dataset, outputs)
+    scores = recorder_lib.validation_scores(
+        model, val_data, training.output_losses(config, dataset, outputs), weights,
+        dataset.n_label, dataset.class_names, config.data_format)
+    prefix = recorder_lib.metric_prefix(model)
+    assert (prefix != "") == deep_supervision and outputs == (2 if deep_supervision else 1)
+    assert scores["val_loss"] == pytest.approx(evaluated["loss"], rel=1e-5)
+    for name in model.output_names if deep_supervision else ():  # each output's own
+        assert scores[f"val_{name}_loss"] == pytest.approx(evaluated[f"{name}_loss"],
+                                                           rel=1e-5)
+    for name in ("dice", "iou"):
+        assert scores[f"val_{prefix}{name}"] == pytest.approx(
+            evaluated[prefix + name], abs=1e-6)
+    assert recorder_lib.monitor_name(model) == f"val_{prefix}dice"
     assert sum(x.shape[0] for x, _ in val_data) == 4  # 1 batch of 4, not the 16 tiles
+
+
+def test_one_recorder_picks_the_same_best_epoch_and_log_under_both_loops(tmp_path):
+    """The recorder given one fixed sequence of val_dice values, under `fit` and under
+    the multi-worker loop's `run_epochs` (here in one process, on the default
+    strategy): the same best epoch (the first of two equal best scores), the same
+    log.csv columns and rows, and best.keras holding that epoch's weights."""
+    from attunet_keras import multiworker
+
+    config = _tiny_config(tmp_path, epochs=5, steps_per_epoch=2)
+    dataset = data.nuclei(tile=64)
+    sequence = [0.2, 0.6, 0.4, 0.6, 0.5]  # best: epoch 1 (epoch 3 only equals it)
+    results = {}
+    for loop in ("fit", "run_epochs"):
+        output = tmp_path / loop
+        output.mkdir()
+        keras.utils.set_random_seed(0)
+        model = training.build_model(config, dataset)
+        snapshots = []
+
+        def validate(model):
+            snapshots.append(model.get_weights())
+            return {"val_loss": 1.0 - sequence[len(snapshots) - 1],
+                    "val_dice": sequence[len(snapshots) - 1]}
+
+        recorder = recorder_lib.RunRecorder(str(output), validate, backup_every=100)
+        batches = data.training_dataset(dataset, 4, seed=0)
+        if loop == "fit":
+            model.fit(batches, epochs=5, steps_per_epoch=2, callbacks=[recorder],
+                      verbose=0, shuffle=False)
+        else:
+            iterator = iter(batches)
+
+            def step():
+                images, targets = next(iterator)
+                return float(model.train_on_batch(images, targets, return_dict=True)["loss"])
+
+            multiworker.run_epochs(model, recorder, step, 0, 5, 2, say=lambda *a: None)
+        with open(output / "log.csv") as file:
+            reader = csv.DictReader(file)
+            rows = list(reader)
+        best = keras.saving.load_model(output / "best.keras").get_weights()
+        for saved, expected in zip(best, snapshots[1]):
+            np.testing.assert_array_equal(saved, expected)
+        assert not np.array_equal(snapshots[1][0], snapshots[3][0])  # weights moved on
+        results[loop] = (recorder.best_epoch, recorder.best, reader.fieldnames,
+                         [(row["epoch"], row["val_dice"]) for row in rows])
+    assert results["fit"] == results["run_epochs"]
+    best_epoch, best, fields, rows = results["fit"]
+    assert (best_epoch, best) == (1, 0.6)
+    assert fields == ["epoch", "loss", "dice", "iou", "val_loss", "val_dice"]
+    assert rows == [(str(epoch), str(value)) for epoch, value in enumerate(sequence)]
+
+
+def test_a_nan_loss_stops_the_multiworker_loop_at_once_without_a_backup(tmp_path):
+    from attunet_keras import multiworker
+
+    config = _tiny_config(tmp_path)
+    dataset = data.nuclei(tile=64)
+    model = training.build_model(config, dataset)
+    recorder = recorder_lib.RunRecorder(str(tmp_path), lambda model: {"val_dice": 0.5},
+                                        backup_every=1)
+    losses = iter([0.5, float("nan"), 0.4, 0.3])
+    multiworker.run_epochs(model, recorder, lambda: next(losses), 0, 3, 2,
+                           say=lambda *a: None)
+    assert recorder.nan_epoch == 1 and next(losses) == 0.4  # no step after the NaN
+    # The step before the NaN was backed up; nothing of the NaN epoch was logged.
+    assert run_folder.backup_progress(str(tmp_path / "backup"))["step"] == 1
+    assert not (tmp_path / "log.csv").exists() and not (tmp_path / "best.keras").exists()
+
+
+def test_a_log_of_other_columns_is_rewritten_with_the_new_ones(tmp_path):
+    """A run recorded by an older version (other columns) goes on with the new ones:
+    its epochs keep their values, a column they lack reads nan."""
+    log = tmp_path / "log.csv"
+    log.write_text("epoch,loss,val_dice\n0,0.9,0.2\n")
+    recorder_lib.append_log(str(log), {"epoch": 1, "loss": 0.8, "val_loss": 0.7,
+                                       "val_dice": 0.3})
+    assert log.read_text().splitlines() == [
+        "epoch,loss,val_loss,val_dice", "0,0.9,nan,0.2", "1,0.8,0.7,0.3"]
+    assert run_folder.trim_log(str(log), 2, "val_dice") == 0.3
 
 
 def test_a_log_row_or_checkpoint_cut_short_by_a_kill_is_dropped_on_resume(tmp_path):
     log = tmp_path / "log.csv"
     log.write_text("epoch,loss,val_dice\n0,0.9,0.2\n1,0.8,0.4\n2,0.7")  # row 2 cut short
-    assert training.trim_log(str(log), 3, "val_dice") == 0.4
+    assert run_folder.trim_log(str(log), 3, "val_dice") == 0.4
     assert log.read_text().splitlines() == ["epoch,loss,val_dice", "0,0.9,0.2", "1,0.8,0.4"]
-    assert training.trim_log(str(log), 1, "val_dice") == 0.2  # epochs from 1 run again
+    assert run_folder.trim_log(str(log), 1, "val_dice") == 0.2  # epochs from 1 run again
     assert log.read_text().splitlines() == ["epoch,loss,val_dice", "0,0.9,0.2"]
     best = tmp_path / "best.keras"
     keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)]).save(best)
-    assert not training.drop_broken_checkpoint(str(best)) and best.is_file()
+    assert not run_folder.drop_broken_checkpoint(str(best)) and best.is_file()
     best.write_bytes(best.read_bytes()[:200])
-    assert training.drop_broken_checkpoint(str(best)) and not best.exists()
+    assert run_folder.drop_broken_checkpoint(str(best)) and not best.exists()
 
 
 def test_a_start_killed_before_its_first_backup_keeps_the_user_s_files(tmp_path):

@@ -14,6 +14,7 @@ import pytest
 
 from attunet_keras import cli
 from attunet_keras import data
+from attunet_keras import evaluation
 from attunet_keras import training
 
 # A voxel grid of 1 x 1 x 2 mm, rotated 90 degrees about z and moved: an affine that
@@ -113,7 +114,7 @@ def test_hd95_of_volumes_is_in_the_spacing_s_units(tmp_path):
     model = keras.Model(inputs, identity(inputs))
     identity.set_weights([np.ones((1, 1, 1, 1, 1), "float32")])
     config = training.TrainConfig(dataset=str(root), n_label=1, batch_size=2)
-    scores = training.evaluate_model(model, dataset, config)["model"]
+    scores = evaluation.evaluate_model(model, dataset, config)["model"]
     assert scores["hd95"] == pytest.approx(2.0)
     assert scores["dice"] == pytest.approx(2 * 8 * 8 * 5 / (2 * 8 * 8 * 6))
 
