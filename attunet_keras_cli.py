@@ -264,6 +264,44 @@ def build_parser():
     export.add_argument("--seed", type=int, default=0,
                         help="seed of the random check batch (default: 0)")
 
+    convert = commands.add_parser(
+        "convert", help="a PyTorch AttU_Net checkpoint as a .keras model, checked",
+        description=(
+            "Convert a PyTorch AttU_Net checkpoint (LeeJunHyun/Image_Segmentation's "
+            "module names; a bare state_dict, {'state_dict': ...} or {'model': ...}, "
+            "'module.' prefixes allowed) into att_unet(..., variant='attu_net'). The "
+            "rank, depth, widths, input channels, classes and up-sampling mode are read "
+            "from the checkpoint's tensors (the flags override them), every tensor is "
+            "mapped by name, and the result is compared with a PyTorch forward pass of "
+            "the checkpoint (within 1e-4) when torch is installed."
+        ),
+    )
+    convert.add_argument("--from-torch", required=True, metavar="CKPT",
+                         help="the .pt / .pth checkpoint (read with weights_only=True)")
+    convert.add_argument("--output", required=True, metavar="FILE.keras",
+                         help="the Keras model to write")
+    convert.add_argument("--variant", choices=("attu_net",), default="attu_net",
+                         help="the PyTorch network (default: attu_net)")
+    convert.add_argument("--data-format", choices=("channels_first", "channels_last"),
+                         default="channels_last",
+                         help="layout of the Keras model (default: channels_last)")
+    for flag, what in (("--depth", "pooling levels"), ("--features", "first width"),
+                       ("--in-channels", "input channels"),
+                       ("--n-label", "output channels")):
+        convert.add_argument(flag, type=_positive_int, default=None, metavar="N",
+                             help=f"{what} (default: from the checkpoint)")
+    convert.add_argument("--upsampling", choices=("nearest", "transpose"), default=None,
+                         help="nn.Upsample or ConvTranspose2d(4, 2, 1) (default: from "
+                              "the checkpoint)")
+    convert.add_argument("--second-sigmoid", action="store_true",
+                         help="the gate applies its sigmoid twice (a blog version)")
+    convert.add_argument("--output-activation", choices=("sigmoid", "softmax", "none"),
+                         default=None,
+                         help="activation after Conv_1x1 (default: sigmoid for one "
+                              "output channel, softmax for more; none: PyTorch's logits)")
+    convert.add_argument("--overwrite", action="store_true",
+                         help="replace FILE.keras when it exists")
+
     _add_train_parser(commands)
 
     check_data = commands.add_parser(

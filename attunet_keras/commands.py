@@ -487,9 +487,73 @@ def _check_data(args):
     return 0
 
 
+def _convert(args):
+    """convert: a PyTorch AttU_Net checkpoint to a .keras model, checked against a
+    PyTorch forward pass of the same checkpoint when torch is installed."""
+    import numpy as np
+
+    from attunet_keras import convert
+    from attunet_keras import models
+
+    _check_output(args, (".keras",))
+    arrays = convert.read_state_dict(args.from_torch)
+    found = convert.attu_net_options(arrays)
+    options = {name: getattr(args, name) if getattr(args, name) is not None else value
+               for name, value in found.items() if name != "rank"}
+    rank = found["rank"]
+    activation = args.output_activation or ("sigmoid" if options["n_label"] == 1
+                                            else "softmax")
+    builder = models.att_unet if rank == 2 else models.att_unet_3d
+    model = builder(*(None,) * rank, options["n_label"], depth=options["depth"],
+                    features=options["features"], data_format=args.data_format,
+                    in_channels=options["in_channels"],
+                    output_activation=None if activation == "none" else activation,
+                    dropout=0, batch_norm=True, upsampling=options["upsampling"],
+                    variant=args.variant, second_sigmoid=args.second_sigmoid,
+                    name="attu_net" if rank == 2 else "attu_net_3d")
+    convert.load_torch_state_dict(model, arrays)
+    print(f"{args.from_torch}: AttU_Net {rank}D, depth {options['depth']}, features "
+          f"{options['features']}, {options['in_channels']} input channel(s), "
+          f"{options['n_label']} output channel(s), upsampling {options['upsampling']}; "
+          f"{model.count_params():,} parameters in Keras ({args.data_format}, output "
+          f"{activation})")
+    try:
+        import torch
+    except ImportError:
+        torch = None
+    if torch is not None:
+        net = convert.torch_attu_net(rank, options["depth"], options["features"],
+                                     options["in_channels"], options["n_label"],
+                                     options["upsampling"], args.second_sigmoid)
+        net.load_state_dict({name: torch.from_numpy(array) for name, array in arrays.items()})
+        images = np.random.default_rng(0).normal(
+            size=(2, options["in_channels"]) + (2 ** options["depth"] * 2,) * rank)
+        images = images.astype("float32")
+        with torch.no_grad():
+            logits = net.eval()(torch.from_numpy(images))
+            expected = {"sigmoid": torch.sigmoid(logits),
+                        "softmax": torch.softmax(logits, dim=1)}.get(activation, logits)
+        inputs = images if args.data_format == "channels_first" else np.moveaxis(images, 1, -1)
+        got = np.asarray(model.predict(inputs, verbose=0))
+        if args.data_format == "channels_last":
+            got = np.moveaxis(got, -1, 1)
+        difference = float(np.abs(got - expected.numpy()).max())
+        if not difference <= 1e-4:
+            raise RuntimeError(f"the converted model differs from PyTorch's forward pass "
+                               f"by up to {difference:.3g} (more than 1e-4); nothing written.")
+        print(f"Outputs checked against PyTorch on a random batch: largest difference "
+              f"{difference:.2g}")
+    else:
+        print("PyTorch is not installed: outputs not checked against a PyTorch forward pass")
+    with runs.atomic_path(args.output, suffix=".keras") as temporary:
+        model.save(temporary)
+    print(f"Wrote {args.output}")
+    return 0
+
+
 _COMMANDS = {
     "summary": _summary, "plot": _plot, "export": _export, "train": _train,
     "evaluate": _evaluate, "predict": _predict, "attention": _attention,
-    "check-data": _check_data,
+    "check-data": _check_data, "convert": _convert,
 }
 

@@ -1,5 +1,6 @@
 """The Attention U-Net model builders, 2D (`att_unet`) and 3D (`att_unet_3d`)."""
 
+import functools
 import numbers
 
 import keras
@@ -31,6 +32,8 @@ def att_unet(
     backbone=None,
     backbone_weights=None,
     freeze_backbone=False,
+    variant="reference",
+    second_sigmoid=False,
     name="att_unet",
 ):
     """Builds the Attention U-Net of the reference Keras port.
@@ -82,6 +85,16 @@ def att_unet(
             path of a weights file of the application with `include_top=False`.
         freeze_backbone: bool. Freeze the encoder (its BatchNormalization then runs
             in inference mode). Defaults to False.
+        variant: str. `"reference"` (the default: the Keras reference and its
+            options above) or `"attu_net"`: the PyTorch AttU_Net layer for layer, its
+            layers named after its modules (`Conv1`, `Up5`, `Att5`, `Up_conv5`,
+            `Conv_1x1`; see `attunet_keras.variants`), loadable from a PyTorch
+            checkpoint (`attunet_keras.convert`). It takes `upsampling="nearest"` or
+            `"transpose"` and needs `dropout=0` and `batch_norm=True`;
+            `features=64, depth=4, in_channels=3, n_label=1` is the published
+            network (34,878,573 parameters).
+        second_sigmoid: bool. With `variant="attu_net"`, apply the gate's sigmoid
+            twice (a blog version of AttU_Net). Defaults to False.
         name: str. Name of the model. Defaults to `"att_unet"`.
 
     Returns:
@@ -114,6 +127,8 @@ def att_unet_3d(
     upsampling="nearest",
     gate="additive",
     deep_supervision=False,
+    variant="reference",
+    second_sigmoid=False,
     name="att_unet_3d",
 ):
     """Builds the 3D Attention U-Net: `att_unet` with volumes (the paper's network).
@@ -130,8 +145,8 @@ def att_unet_3d(
         img_h: int or None. Third spatial axis.
         n_label, depth, features, data_format: as in `att_unet`.
         in_channels: int. Channels of the input volume. Defaults to 1.
-        output_activation, dropout, batch_norm, upsampling, gate, deep_supervision:
-            as in `att_unet`.
+        output_activation, dropout, batch_norm, upsampling, gate, deep_supervision,
+            variant, second_sigmoid: as in `att_unet`.
         name: str. Defaults to `"att_unet_3d"`.
 
     Returns:
@@ -202,6 +217,16 @@ def check_arguments(rank, sizes, options):
     name = options["name"]
     if not isinstance(name, str) or not name:
         raise ValueError(f"name={name!r} is not allowed; expected a non-empty string.")
+    from attunet_keras import variants
+
+    variant = options.get("variant", "reference")
+    if variant not in variants.VARIANTS:
+        raise ValueError(f"variant={variant!r} is not supported; expected one of "
+                         f"{variants.VARIANTS}.")
+    if variant == "attu_net":
+        variants.check_arguments(rank, options)
+    elif options.get("second_sigmoid", False) is not False:
+        raise ValueError("second_sigmoid is an option of variant='attu_net'.")
     _check_fits_in_memory(rank, depth, features, options["in_channels"])
     return data_format
 
@@ -259,6 +284,11 @@ def _build(rank, sizes, options):
     x = inputs
     if None in spatial:
         x = layers_lib.SpatialSizeCheck(2**depth, data_format, name="image_size_check")(x)
+    if options["variant"] == "attu_net":
+        from attunet_keras import variants
+
+        outputs = variants.build(rank, x, options, data_format, decoder, activate)
+        return keras.Model(inputs, outputs[0], name=options["name"])
     skips = []
     for level in range(1, depth + 1):
         x = _conv_block(x, features * 2 ** (level - 1), name=f"enc{level}", **block_options)
@@ -273,31 +303,41 @@ def _build(rank, sizes, options):
                        name=options["name"])
 
 
-def decoder(x, skips, rank, data_format, options, supervised=lambda level: level > 1):
-    """The attention decoder, the one loop of every `att_unet` (plain or on a backbone).
+def decoder(x, skips, rank, data_format, options, supervised=lambda level: level > 1,
+            step=None):
+    """The attention decoder loop of every `att_unet` (plain, on a backbone, or a
+    variant).
 
-    From the deepest skip up, decoder level k gates `skips[k - 1]` with the map from
-    below, up-samples that map, concatenates the two (`attention_up_and_concat`) and
-    applies a conv block of `features * 2**(k - 1)` filters named `dec{k}`.
+    From the deepest skip up, decoder level k combines the map from below with
+    `skips[k - 1]`: by default (`step=None`, the reference) it gates the skip with
+    the map from below, up-samples that map, concatenates the two
+    (`attention_up_and_concat`) and applies a conv block of `features * 2**(k - 1)`
+    filters named `dec{k}`. A variant passes its own `step(x, skip, level) -> map`
+    (`variants.attu_net_step`: up-sample and convolve first, then gate).
 
     Returns:
         `(x, side_outputs)`: the top level's map, and `(level, map)` of every level
         `supervised(level)` accepts when `options["deep_supervision"]` is on.
     """
-    block_options = dict(rank=rank, data_format=data_format, dropout=options["dropout"],
-                         batch_norm=options["batch_norm"])
+    if step is None:
+        step = functools.partial(_reference_step, rank=rank, data_format=data_format,
+                                 options=options)
     side_outputs = []
     for level in range(len(skips), 0, -1):
-        x = _UP_AND_CONCAT[rank](
-            x, skips[level - 1], data_format, f"dec{level}",
-            batch_norm=options["batch_norm"], upsampling=options["upsampling"],
-            gate=options["gate"],
-        )
-        x = _conv_block(x, options["features"] * 2 ** (level - 1), name=f"dec{level}",
-                        **block_options)
-        if options["deep_supervision"] and supervised(level):
+        x = step(x, skips[level - 1], level)
+        if options.get("deep_supervision") and supervised(level):
             side_outputs.append((level, x))
     return x, side_outputs
+
+
+def _reference_step(x, skip, level, *, rank, data_format, options):
+    """One level of the reference decoder: gate, up-sample, concatenate, conv block."""
+    x = _UP_AND_CONCAT[rank](
+        x, skip, data_format, f"dec{level}", batch_norm=options["batch_norm"],
+        upsampling=options["upsampling"], gate=options["gate"])
+    return _conv_block(x, options["features"] * 2 ** (level - 1), name=f"dec{level}",
+                       rank=rank, data_format=data_format, dropout=options["dropout"],
+                       batch_norm=options["batch_norm"])
 
 
 def heads(rank, x, side_outputs, data_format, options, stride):
@@ -346,6 +386,13 @@ def _head(rank, x, n_label, data_format, activation, name, upsample=1):
     if upsample > 1:
         x = blocks.upsampling_layer(rank, upsample, data_format,
                                     blocks.smooth_interpolation(rank), f"{name}_up")(x)
+    return activate(x, activation, data_format, name)
+
+
+def activate(x, activation, data_format, name):
+    """The output activation `name_softmax` / `name_sigmoid`, in float32 whatever the
+    dtype policy; logits (`activation=None`) get a float32 cast layer under a mixed
+    policy."""
     if activation == "softmax":
         channel_axis = _validation.channel_axis_for(data_format)
         return layers.Softmax(axis=channel_axis, dtype="float32",
