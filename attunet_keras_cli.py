@@ -302,6 +302,23 @@ def build_parser():
     convert.add_argument("--overwrite", action="store_true",
                          help="replace FILE.keras when it exists")
 
+    report = commands.add_parser(
+        "report", help="one self-contained report.html of a run or a cross-validation",
+        description=(
+            "Write one self-contained HTML page (every image embedded, no network): "
+            "the learning curves of log.csv, the per-case class table with NSD, per-case "
+            "Dice box plots, the worst and best held-out cases as overlays with their "
+            "scores, and the attention maps of one case. For a cross-validation folder, "
+            "every fold's curves and the post-processing decided."
+        ),
+    )
+    report.add_argument("folder", metavar="RUN_OR_CV_DIR",
+                        help="a training run, or a cross-validate folder")
+    report.add_argument("--output", default=None, metavar="FILE.html",
+                        help="the page to write (default: FOLDER/report.html)")
+    report.add_argument("--overwrite", action="store_true",
+                        help="replace the page when it exists")
+
     _add_train_parser(commands)
 
     check_data = commands.add_parser(
@@ -332,6 +349,17 @@ def build_parser():
                                "instead of the run's best (it must take the run's "
                                "channels and give its classes)")
     evaluate.add_argument("--json", action="store_true", help="print JSON")
+    evaluate.add_argument("--output", default=None, metavar="DIR",
+                          help="folder of summary.json and summary.csv (per case and "
+                               "class: Dice, IoU, HD95, NSD, volumes; default: the run "
+                               "folder)")
+    evaluate.add_argument("--nsd-tolerance", type=float, default=1.0, metavar="MM",
+                          help="tolerance of the normalised surface Dice, in mm for "
+                               "volumes with a spacing, else pixels (default: 1.0)")
+    evaluate.add_argument("--postprocess", choices=("auto", "none"), default="auto",
+                          help="auto: apply the post-processing a cross-validation "
+                               "decided (postprocessing.json in the run's parent "
+                               "folder), when there is one (default: auto)")
 
     predict = commands.add_parser(
         "predict", help="write masks and overlay PNGs for an image or a folder",
@@ -356,6 +384,10 @@ def build_parser():
     windows.add_argument("--tta", action="store_true",
                          help="test-time augmentation: average the predictions of every "
                               "flip of the axes (4 passes)")
+    predict.add_argument("--postprocess", choices=("auto", "none"), default="auto",
+                         help="auto: apply the post-processing a cross-validation "
+                              "decided (postprocessing.json in the parent folder of "
+                              "--run), when there is one (default: auto)")
     predict.add_argument("--overwrite", action="store_true",
                          help="replace PNGs that exist")
 
@@ -396,20 +428,41 @@ def _window_options(command):
 
 
 def _add_train_parser(commands):
-    defaults = TRAIN_DEFAULTS
     train = commands.add_parser(
         "train", help="train on nuclei, brain or a folder of images and masks",
         description=(
             "Train an att_unet with Keras fit. The run folder gets config.json, "
-            "best.keras (best held-out Dice), last.keras, log.csv, tensorboard/ and "
-            "result.json. A run that was killed resumes from its last backup when "
-            "the same command is run again."
+            "best.keras (best held-out Dice), last.keras, log.csv, tensorboard/, "
+            "summary.json and summary.csv (per held-out case) and result.json. A run "
+            "that was killed resumes from its last backup when the same command is run "
+            "again."
         ),
     )
+    _add_train_arguments(train)
+    cross_validate = commands.add_parser(
+        "cross-validate", help="K-fold cross-validation: every fold, then all together",
+        description=(
+            "Train every fold of a K-fold split of a folder dataset's cases in turn "
+            "(OUTPUT/fold_0 ... fold_{K-1}, each a train run with --folds K --fold F "
+            "sharing OUTPUT/splits.json; killed and run again, it goes on where it "
+            "stopped), then evaluate the held-out cases of all folds together: "
+            "OUTPUT/summary.json and summary.csv, and the post-processing decided from "
+            "them (nnU-Net's largest-component rule) in OUTPUT/postprocessing.json, "
+            "which predict and evaluate apply with --postprocess auto. Takes every "
+            "train option; --output is the cross-validation folder."
+        ),
+    )
+    _add_train_arguments(cross_validate, cross_validation=True)
+
+
+def _add_train_arguments(train, cross_validation=False):
+    defaults = TRAIN_DEFAULTS
     train.add_argument("--dataset", required=True, metavar="nuclei|brain|brain3d|PATH",
                        help="built-in dataset, or a folder with images/ and masks/ (2D "
                             "images, or NIfTI volumes for att_unet_3d)")
-    train.add_argument("--output", required=True, metavar="DIR", help="the run folder")
+    train.add_argument("--output", required=True, metavar="DIR",
+                       help="the cross-validation folder" if cross_validation
+                       else "the run folder")
     train.add_argument("--epochs", type=int, default=defaults.epochs,
                        help=f"epochs (default: {defaults.epochs})")
     train.add_argument("--steps-per-epoch", type=int, default=None, metavar="N",
@@ -446,6 +499,19 @@ def _add_train_parser(commands):
                        metavar="F",
                        help="share of a folder dataset's files held out, drawn with --seed "
                             f"and recorded in config.json (default: {defaults.val_fraction})")
+    if cross_validation:
+        train.add_argument("--folds", type=int, default=5, metavar="K",
+                           help="folds (default: 5)")
+    else:
+        train.add_argument("--folds", type=int, default=None, metavar="K",
+                           help="K-fold cross-validation by case: hold out fold --fold "
+                                "of K instead of --val-fraction; the split is written "
+                                "once as splits.json in the parent folder of --output "
+                                "and reused")
+        train.add_argument("--fold", type=int, default=None, metavar="F",
+                           help="the held-out fold, 0..K-1 (with --folds)")
+    train.add_argument("--splits", default=None, metavar="FILE",
+                       help="the splits.json of --folds (default: beside the run folder)")
     train.add_argument("--val-batches", type=_positive_int, default=defaults.val_batches,
                        metavar="N",
                        help="batches of held-out patches behind every epoch's val_dice and "
@@ -491,8 +557,9 @@ def _add_train_parser(commands):
     train.add_argument("--backup-every", type=int, default=defaults.backup_every,
                        metavar="N", help="steps between resumable backups "
                                          f"(default: {defaults.backup_every})")
-    train.add_argument("--overwrite", action="store_true",
-                       help="delete an existing run in DIR and start again")
+    if not cross_validation:
+        train.add_argument("--overwrite", action="store_true",
+                           help="delete an existing run in DIR and start again")
     scale = train.add_argument_group("distribution and precision")
     scale.add_argument("--strategy", choices=STRATEGIES, default=defaults.strategy,
                        help="tf.distribute strategy under TensorFlow (default: auto = "

@@ -10,6 +10,7 @@ import dataclasses
 import json
 import os
 
+from attunet_keras import postprocess
 from attunet_keras import runs
 
 
@@ -173,16 +174,24 @@ def _export(args):
     return 0
 
 
-def _train(args):
-    from attunet_keras import distribute
+def _train_config(args):
+    """The TrainConfig of parsed train (or cross-validate) flags: every TrainConfig
+    field is a flag of the same name (tests/test_cli.py checks both ways); only the
+    held-out files are recorded, never given."""
     from attunet_keras import training
 
-    # Every TrainConfig field is a train flag of the same name (tests/test_cli.py
-    # checks both ways); only the held-out files are recorded, never given.
     fields = {field.name for field in dataclasses.fields(training.TrainConfig)}
     config = training.TrainConfig(**{name: value for name, value in vars(args).items()
                                      if name in fields})
     config.validate()
+    return config
+
+
+def _train(args):
+    from attunet_keras import distribute
+    from attunet_keras import training
+
+    config = _train_config(args)
     if args.cpu_devices is not None:
         distribute.split_cpu(args.cpu_devices)
     verbose = args.verbose if args.verbose == "auto" else int(args.verbose)
@@ -198,19 +207,70 @@ def _train(args):
 
 
 def _evaluate(args):
-    from attunet_keras import training
+    from attunet_keras import evaluation
+    from attunet_keras import model_info
 
-    model = None
-    if args.model:
-        from attunet_keras import inference
-
-        model = inference.load_model(args.model)
-    result = training.evaluate_run(args.run, model=model)
+    if not (args.nsd_tolerance >= 0):
+        raise ValueError(f"--nsd-tolerance {args.nsd_tolerance} is not allowed; expected a "
+                         "number >= 0.")
+    output = args.output or args.run
+    if not os.path.isdir(output):
+        raise FileNotFoundError(f"--output {output}: no such folder; create it first.")
+    decisions, source = (postprocess.decisions_for(args.run) if args.postprocess == "auto"
+                         else (None, None))
+    model = model_info.load_model(args.model) if args.model else None
+    result = evaluation.evaluate_run(args.run, model=model,
+                                     nsd_tolerance=args.nsd_tolerance,
+                                     postprocessing=decisions)
+    summary = result.pop("summary")
+    paths = evaluation.write_summary(output, summary)
     if args.json:
-        print(json.dumps(result, indent=2))
-    else:
-        _print_scores(result)
+        print(json.dumps(dict(result, summary=evaluation.json_safe(summary)), indent=2))
+        return 0
+    _print_scores(result)
+    if source:
+        print(f"Post-processing from {source}: {postprocess.describe(decisions)}")
+    print(f"Per case (NSD at {args.nsd_tolerance:g} {summary['distance_unit']}):")
+    print(evaluation.class_table(summary))
+    print(f"Wrote {paths[0]} and {paths[1]}")
     return 0
+
+
+def _report(args):
+    from attunet_keras import report
+
+    args.output = args.output or os.path.join(args.folder, report.REPORT_FILE)
+    _check_output(args, (".html",))
+    report.runs_of(args.folder)  # a clear error for a folder of neither kind
+    path = report.write_report(args.folder, args.output)
+    print(f"Wrote {path} (self-contained: open it in any browser)")
+    return 0
+
+
+def _cross_validate(args):
+    from attunet_keras import cross_validation
+    from attunet_keras import distribute
+
+    args.fold = 0  # each fold's own, set by cross_validate; 0 to check the flags
+    config = _train_config(args)
+    if args.cpu_devices is not None:
+        distribute.split_cpu(args.cpu_devices)
+    verbose = args.verbose if args.verbose == "auto" else int(args.verbose)
+    done = cross_validation.cross_validate(config, verbose=verbose)
+    _print_cross_validation(done)
+    return 0
+
+
+def _print_cross_validation(done):
+    from attunet_keras import evaluation
+
+    report = done["postprocessing"]["report"]
+    print(f"Cross-validation of {done['folds']} folds, {report['cases']} held-out cases:")
+    print(evaluation.class_table(done["summary"]))
+    print(f"Post-processing decided: {postprocess.describe(done['postprocessing']['decisions'])}"
+          f"; mean foreground Dice {report['foreground_dice_before']:.4f} before, "
+          f"{report['foreground_dice_after']:.4f} after")
+    print(f"Wrote {', '.join(done['written'])}")
 
 
 def _print_scores(result):
@@ -326,6 +386,8 @@ def _predict_images(args, names, model, channels, n_label):
     from attunet_keras import inference
     from attunet_keras import visualize
 
+    decisions = _postprocessing(args)
+
     for name, image, normalized, source in _inputs(args, names):
         image = inference.convert_channels(image, channels, args.channels, source)
         paths = [os.path.join(args.output, f"{name}_{kind}.png")
@@ -338,10 +400,23 @@ def _predict_images(args, names, model, channels, n_label):
             model, image, patch_size=args.patch, overlap=args.overlap, tta=args.tta,
             normalized=normalized)
         labels = inference.labels_from_probabilities(probabilities, args.threshold)
+        if decisions:
+            labels = postprocess.apply(labels, decisions, n_label)
         shown = image if normalized else data.normalize(image)
         visualize.save_png(paths[0], visualize.mask_png(labels, n_label))
         visualize.save_png(paths[1], visualize.overlay(shown, labels))
         print(f"Wrote {paths[0]} and {paths[1]} ({labels.shape[0]}x{labels.shape[1]})")
+
+
+def _postprocessing(args):
+    """The post-processing of predict: the decisions of the cross-validation --run is a
+    fold of, with --postprocess auto (None when there are none)."""
+    if args.postprocess != "auto" or not args.run:
+        return None
+    decisions, source = postprocess.decisions_for(args.run)
+    if decisions:
+        print(f"Post-processing from {source}: {postprocess.describe(decisions)}")
+    return decisions
 
 
 def _check_images(names, channels, conversion):
@@ -383,6 +458,7 @@ def _predict_volumes(args, names):
                          "and volumes separately.")
     planned = [os.path.join(args.output, f"{name}_mask.nii.gz") for name, _ in names]
     _check_planned(args, names, planned)
+    decisions = _postprocessing(args)
     model = _volume_model(args, names[0][1])
     patch = args.patch or inference.own_size(model) or inference.DEFAULT_VOLUME_PATCH
     patch = inference.check_patch_size(model, patch, rank=3)
@@ -391,7 +467,8 @@ def _predict_volumes(args, names):
         for (name, path), output in zip(names, planned):
             labels = inference.predict_nifti(model, path, output, patch,
                                              overlap=args.overlap, tta=args.tta,
-                                             threshold=args.threshold)
+                                             threshold=args.threshold,
+                                             postprocessing=decisions)
             print(f"Wrote {output} ({'x'.join(map(str, labels.shape))} {labels.dtype} "
                   f"labels; the affine and header of {path}; patches "
                   f"{'x'.join(map(str, patch))})")
@@ -554,6 +631,7 @@ def _convert(args):
 _COMMANDS = {
     "summary": _summary, "plot": _plot, "export": _export, "train": _train,
     "evaluate": _evaluate, "predict": _predict, "attention": _attention,
-    "check-data": _check_data, "convert": _convert,
+    "check-data": _check_data, "convert": _convert, "cross-validate": _cross_validate,
+    "report": _report,
 }
 

@@ -45,6 +45,11 @@ class TrainConfig:
         foreground_fraction: float. Share of the patches centred on a labelled pixel.
         cache: str or None. A folder for decoded, normalised pairs of a folder dataset.
         val_fraction: float. Share of a folder dataset's files held out.
+        folds: int or None. K-fold cross-validation by case (`folds.py`): hold out
+            fold `fold` of `folds`, instead of `val_fraction`.
+        fold: int or None. The held-out fold, 0..folds-1 (with `folds`).
+        splits: str or None. The `splits.json` of the folds; `None`: beside the run
+            folder (in the parent of `output`).
         val_batches: int or None. Batches of held-out patches behind every epoch's
             `val_dice` (and the choice of `best.keras`): the held-out images' tiles
             when they hold no more, else a fixed seeded draw of patches
@@ -85,6 +90,9 @@ class TrainConfig:
     foreground_fraction: float = data_lib.FOREGROUND_FRACTION
     cache: str = None
     val_fraction: float = 0.2
+    folds: int = None
+    fold: int = None
+    splits: str = None
     val_batches: int = data_lib.VAL_BATCHES
     val_files: list = None
     data_format: str = "channels_last"
@@ -205,10 +213,32 @@ class TrainConfig:
         if self.dataset in data_lib.BUILTIN and self.val_fraction != default_fraction:
             raise ValueError(f"val_fraction is fixed by the built-in dataset "
                              f"{self.dataset!r}; leave it out.")
+        self._validate_folds(default_fraction)
         if self.dataset in data_lib.BUILTIN and self.cache is not None:
             raise ValueError(
                 f"cache is for folder datasets; the built-in {self.dataset!r} is decoded "
                 "once and held in memory already.")
+
+    def _validate_folds(self, default_fraction):
+        if self.folds is None:
+            if self.fold is not None or self.splits is not None:
+                raise ValueError("fold and splits go with folds (K-fold cross-validation); "
+                                 "give --folds K too.")
+            return
+        _validation.check_int("folds", self.folds, 2)
+        if self.dataset in data_lib.BUILTIN:
+            raise ValueError(f"folds split a folder dataset's cases; the built-in "
+                             f"{self.dataset!r} has its own fixed split.")
+        if self.fold is None:
+            raise ValueError(f"folds={self.folds} needs the held-out fold: --fold F, "
+                             f"0..{self.folds - 1} (or attunet-keras cross-validate for "
+                             "every fold).")
+        _validation.check_int("fold", self.fold, 0)
+        if self.fold >= self.folds:
+            raise ValueError(f"fold={self.fold} is not one of 0..{self.folds - 1}.")
+        if self.val_fraction != default_fraction:
+            raise ValueError("folds replace val_fraction (the held-out cases are the "
+                             "fold's); give one or the other.")
 
     def to_json(self):
         values = dataclasses.asdict(self)
@@ -219,6 +249,10 @@ class TrainConfig:
             values["backbone_weights"] = os.path.abspath(self.backbone_weights)
         if self.cache is not None:
             values["cache"] = os.path.abspath(self.cache)
+        if self.folds is not None:
+            from attunet_keras import folds
+
+            values["splits"] = folds.splits_path(self.output, self.splits)
         return values
 
 

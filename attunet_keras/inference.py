@@ -478,12 +478,13 @@ DEFAULT_VOLUME_PATCH = 64
 
 
 def predict_nifti(model, path, output, patch_size, *, overlap=0.5, tta=False,
-                  threshold=0.5, batch_size=2):
+                  threshold=0.5, batch_size=2, postprocessing=None):
     """Segments a NIfTI volume with `predict_sliding_window` and writes the labels.
 
     `output` (`.nii` or `.nii.gz`) gets uint8 labels (0/1, or class indices; wider above
     256 classes) with the input's affine and a copy of its header (data type set to
-    the labels', no scaling); it
+    the labels', no scaling), post-processed as `postprocessing` (`postprocess.decide`'s
+    decisions) says; it
     is written under a temporary name and renamed, so it is whole or absent.
 
     Returns:
@@ -499,6 +500,10 @@ def predict_nifti(model, path, output, patch_size, *, overlap=0.5, tta=False,
     probabilities = predict_sliding_window(model, image.astype("float32"), patch_size,
                                            overlap=overlap, tta=tta, batch_size=batch_size)
     labels = labels_from_probabilities(probabilities, threshold)
+    if postprocessing:
+        from attunet_keras import postprocess
+
+        labels = postprocess.apply(labels, postprocessing, output_channels(model))
     source = nibabel.load(path)
     header = source.header.copy()
     header.set_data_dtype(labels.dtype)

@@ -188,6 +188,7 @@ def train(config, *, overwrite=False, verbose="auto", cluster_timeout=CLUSTER_TI
             raise ValueError(f"output {output} changed while the workers joined (another "
                              "process wrote to it); run the command again.")
         if chief:
+            training.commit_splits(config)
             run_folder.start_output(config, output, overwrite, resuming)
         return _run_guarded(config, output, resuming, dataset, strategy, global_batch,
                             steps, chief, task_index, verbose)
@@ -296,8 +297,8 @@ def _run(config, output, resuming, dataset, strategy, global_batch, steps, chief
     result = evaluation.evaluate_model(model, dataset, config)
     if chief:
         model.save(os.path.join(output, run_folder.LAST_MODEL))
-        best_result = evaluation.evaluate_run(output, dataset=dataset)
-        runs.write_json(os.path.join(output, run_folder.RESULT_FILE), best_result)
+        best_result = training.finish_result(output, evaluation.evaluate_run(
+            output, dataset=dataset))
         shutil.rmtree(backup_dir, ignore_errors=True)
         return best_result
     return result

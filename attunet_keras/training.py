@@ -19,6 +19,7 @@ import keras
 
 from attunet_keras import config as config_lib
 from attunet_keras import data as data_lib
+from attunet_keras import evaluation
 from attunet_keras import losses as losses_lib
 from attunet_keras import metrics as metrics_lib
 from attunet_keras import recorder as recorder_lib
@@ -169,6 +170,7 @@ def _train_locked(config, output, overwrite, verbose):
     strategy = distribute.get_strategy(config.strategy)
     global_batch, steps = batching(config, strategy, dataset)
     jit_compile = distribute.resolve_jit_compile(config.jit_compile, strategy)
+    commit_splits(config)
     run_folder.start_output(config, output, overwrite, resuming)
     # A keras.distribution (JAX) must be active while the model is fitted too.
     active = (strategy.scope() if isinstance(strategy, distribute.KerasDistribution)
@@ -191,6 +193,9 @@ def run_dataset(config, output, resuming):
         if config.val_files is None:
             kept["val_files"] = recorded.val_files
         config = dataclasses.replace(config, **kept)
+    if config.folds is not None and config.val_files is None:
+        _, val_files = fold_split(config)
+        config = dataclasses.replace(config, val_files=val_files)
     dataset = load_data(config)
     if dataset.dims == 3 and config.backbone is not None:
         raise ValueError(f"{config.dataset} holds volumes; backbones are 2D "
@@ -198,6 +203,26 @@ def run_dataset(config, output, resuming):
     if config.dataset not in data_lib.BUILTIN:
         config = dataclasses.replace(config, val_files=dataset.val_names)
     return config, dataset
+
+
+def fold_split(config):
+    """`(splits, held-out files)` of a `--folds` run: the splits written beside the run
+    (or at `--splits`), else a new draw that `commit_splits` writes once the run has
+    passed its checks."""
+    from attunet_keras import folds
+
+    names = [os.path.basename(image) for image, _ in data_lib.find_pairs(config.dataset)]
+    return folds.fold_split(names, config.folds, config.fold, config.seed,
+                            folds.splits_path(config.output, config.splits))
+
+
+def commit_splits(config):
+    """Writes the splits of a `--folds` run where the other folds will read them."""
+    if config.folds is not None:
+        from attunet_keras import folds
+
+        folds.commit(folds.splits_path(config.output, config.splits),
+                     fold_split(config)[0])
 
 
 def check_backbone_weights(config):
@@ -276,9 +301,17 @@ def _fit(config, output, resuming, dataset, strategy, global_batch, steps, jit_c
         if recorder.nan_epoch is not None:
             raise nan_stop(recorder.nan_epoch, config, output)
     model.save(os.path.join(output, run_folder.LAST_MODEL))
-    result = evaluate_run(output, dataset=dataset)
-    runs.write_json(os.path.join(output, run_folder.RESULT_FILE), result)
+    result = finish_result(output, evaluate_run(output, dataset=dataset))
     shutil.rmtree(backup_dir, ignore_errors=True)
+    return result
+
+
+def finish_result(output, result):
+    """Writes a finished run's `summary.json` / `summary.csv` (per case) and its
+    `result.json` (dataset-wide; written last: it marks the run finished); returns the
+    result."""
+    evaluation.write_summary(output, result.pop("summary"))
+    runs.write_json(os.path.join(output, run_folder.RESULT_FILE), result)
     return result
 
 
