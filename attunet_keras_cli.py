@@ -373,7 +373,15 @@ def build_parser():
                          help="a PNG/JPEG/TIFF image or a folder of them; or NIfTI volumes "
                               "for a 3D model, written as NAME_mask.nii.gz with the "
                               "input's affine and header")
-    _trained_model_options(predict.add_argument_group("model"), required=True)
+    which = predict.add_argument_group("model").add_mutually_exclusive_group(required=True)
+    which.add_argument("--model", metavar="FILE.keras", help="use this saved model")
+    which.add_argument("--run", metavar="DIR", action="append",
+                       help="use the best model of this training run; given several "
+                            "times, the runs predict as one ensemble (their "
+                            "probabilities averaged)")
+    which.add_argument("--cross-validation", metavar="CV_DIR",
+                       help="the ensemble of every fold of attunet-keras cross-validate, "
+                            "with its post-processing")
     predict.add_argument("--output", required=True, metavar="DIR",
                          help="folder for the PNGs (created)")
     predict.add_argument("--threshold", type=_probability, default=0.5,

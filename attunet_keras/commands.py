@@ -348,6 +348,14 @@ def _predict(args):
     from attunet_keras import data
     from attunet_keras import inference
 
+    args.ensemble = args.run  # every --run given (predict takes several)
+    members = _ensemble_runs(args)
+    args.run = args.run[0] if args.run else None
+    if members:
+        args.run = members[0]
+        if not args.input:
+            raise ValueError("an ensemble predicts given images (each run held out other "
+                             "cases): give IMAGE_OR_FOLDER.")
     names = _input_names(args)
     if os.path.exists(args.output) and not os.path.isdir(args.output):
         raise FileExistsError(f"--output {args.output} exists and is not a folder.")
@@ -369,8 +377,10 @@ def _predict(args):
     channels = inference.input_channels(model)
     if names is not None:
         _check_images(names, channels, args.channels)
-    model = inference.fully_convolutional(model)
     n_label = inference.output_channels(model)
+    members = _ensemble_runs(args)
+    model = (_ensemble(members, inference.fully_convolutional) if members
+             else inference.fully_convolutional(model))
     # One predict writes into a folder at a time, so no image's mask and overlay come
     # from two runs; a second is refused at once.
     with runs.folder_lock(args.output, what="predict output folder", keep=False):
@@ -396,9 +406,13 @@ def _predict_images(args, names, model, channels, n_label):
             existing = [path for path in paths if os.path.lexists(path)]
             if existing:
                 raise FileExistsError(f"{existing[0]} already exists; pass --overwrite.")
-        probabilities = inference.predict_image(
-            model, image, patch_size=args.patch, overlap=args.overlap, tta=args.tta,
-            normalized=normalized)
+        def predict(member):
+            return inference.predict_image(
+                member, image, patch_size=args.patch, overlap=args.overlap, tta=args.tta,
+                normalized=normalized)
+
+        probabilities = (model.average(predict) if isinstance(model, inference.Ensemble)
+                         else predict(model))
         labels = inference.labels_from_probabilities(probabilities, args.threshold)
         if decisions:
             labels = postprocess.apply(labels, decisions, n_label)
@@ -408,9 +422,41 @@ def _predict_images(args, names, model, channels, n_label):
         print(f"Wrote {paths[0]} and {paths[1]} ({labels.shape[0]}x{labels.shape[1]})")
 
 
+def _ensemble_runs(args):
+    """The run folders of predict's ensemble (several --run, or --cross-validation's
+    folds), or None for one model."""
+    from attunet_keras import cross_validation
+    from attunet_keras import training
+
+    if getattr(args, "cross_validation", None):
+        folds = cross_validation.fold_runs(args.cross_validation)
+        if len(folds) < 2:
+            raise ValueError(f"--cross-validation {args.cross_validation} holds "
+                             f"{len(folds)} finished fold run(s) (fold_0, fold_1, ...); an "
+                             "ensemble needs two or more.")
+        return [run for _, run in folds]
+    runs_given = getattr(args, "ensemble", None)
+    if runs_given and len(runs_given) > 1:
+        for run in runs_given:
+            training.read_config(run)  # a clear error for a folder that is not a run
+        return list(runs_given)
+    return None
+
+
+def _ensemble(members, prepare=None):
+    from attunet_keras import evaluation
+    from attunet_keras import inference
+
+    ensemble = inference.Ensemble(members, load=evaluation.load_run_model, prepare=prepare)
+    kept = "kept in memory" if ensemble.kept is not None else "loaded one at a time"
+    print(f"Ensemble of {len(members)} runs (probabilities averaged; models {kept}): "
+          + ", ".join(members))
+    return ensemble
+
+
 def _postprocessing(args):
     """The post-processing of predict: the decisions of the cross-validation --run is a
-    fold of, with --postprocess auto (None when there are none)."""
+    fold of (an ensemble's first run), with --postprocess auto (None when none)."""
     if args.postprocess != "auto" or not args.run:
         return None
     decisions, source = postprocess.decisions_for(args.run)
@@ -462,6 +508,9 @@ def _predict_volumes(args, names):
     model = _volume_model(args, names[0][1])
     patch = args.patch or inference.own_size(model) or inference.DEFAULT_VOLUME_PATCH
     patch = inference.check_patch_size(model, patch, rank=3)
+    members = _ensemble_runs(args)
+    if members:
+        model = _ensemble(members)
     with runs.folder_lock(args.output, what="predict output folder", keep=False):
         _check_planned(args, names, planned)  # again, now that no other predict writes
         for (name, path), output in zip(names, planned):

@@ -27,6 +27,16 @@ def fold_folder(output, fold):
     return os.path.join(output, f"fold_{fold}")
 
 
+def fold_runs(folder):
+    """The fold runs of a cross-validation folder, `[(fold, run folder)]` in order."""
+    folder = os.path.abspath(folder)
+    names = os.listdir(folder) if os.path.isdir(folder) else []
+    folds = sorted(int(name[len("fold_"):]) for name in names
+                   if name.startswith("fold_") and name[len("fold_"):].isdigit())
+    return [(fold, fold_folder(folder, fold)) for fold in folds
+            if run_folder.is_run_folder(fold_folder(folder, fold))]
+
+
 def cross_validate(config, *, verbose="auto"):
     """Trains every fold of `config.folds` under `config.output`, then evaluates them
     together; returns `{"folds", "summary", "postprocessing", "written"}`."""

@@ -481,6 +481,8 @@ def predict_nifti(model, path, output, patch_size, *, overlap=0.5, tta=False,
                   threshold=0.5, batch_size=2, postprocessing=None):
     """Segments a NIfTI volume with `predict_sliding_window` and writes the labels.
 
+    `model` is a model or an `Ensemble` (the members' probabilities averaged).
+
     `output` (`.nii` or `.nii.gz`) gets uint8 labels (0/1, or class indices; wider above
     256 classes) with the input's affine and a copy of its header (data type set to
     the labels', no scaling), post-processed as `postprocessing` (`postprocess.decide`'s
@@ -494,16 +496,22 @@ def predict_nifti(model, path, output, patch_size, *, overlap=0.5, tta=False,
 
     array, _, _ = data_lib.read_volume(path)
     image = array[..., None] if array.ndim == 3 else array
-    if image.shape[-1] != input_channels(model):
+    first = model.model if isinstance(model, Ensemble) else model
+    if image.shape[-1] != input_channels(first):
         raise ValueError(f"{path}: {image.shape[-1]} channel(s), but the model takes "
-                         f"{input_channels(model)}.")
-    probabilities = predict_sliding_window(model, image.astype("float32"), patch_size,
-                                           overlap=overlap, tta=tta, batch_size=batch_size)
+                         f"{input_channels(first)}.")
+    image = image.astype("float32")
+
+    def predict(member):
+        return predict_sliding_window(member, image, patch_size, overlap=overlap, tta=tta,
+                                      batch_size=batch_size)
+
+    probabilities = model.average(predict) if isinstance(model, Ensemble) else predict(model)
     labels = labels_from_probabilities(probabilities, threshold)
     if postprocessing:
         from attunet_keras import postprocess
 
-        labels = postprocess.apply(labels, postprocessing, output_channels(model))
+        labels = postprocess.apply(labels, postprocessing, output_channels(first))
     source = nibabel.load(path)
     header = source.header.copy()
     header.set_data_dtype(labels.dtype)
@@ -513,3 +521,79 @@ def predict_nifti(model, path, output, patch_size, *, overlap=0.5, tta=False,
     with runs.atomic_path(output, suffix=extension) as temporary:  # nibabel reads the suffix
         nibabel.save(written, temporary)
     return labels
+
+
+# The share of the available memory an ensemble's models may hold at once; above it
+# they are loaded one at a time for every image.
+ENSEMBLE_MEMORY_FRACTION = 0.25
+
+
+class Ensemble:
+    """Several models that predict as one: their probabilities averaged.
+
+    The models must take the same input (2D or 3D, channels) and give the same classes
+    (output channels); one that does not is refused naming it and what differs. They
+    are kept in memory together when their weights fit in
+    `ENSEMBLE_MEMORY_FRACTION` of the available memory, else loaded one at a time.
+    Each predicts with its own layout and sizes (sliding windows by model).
+
+    Args:
+        paths: the `.keras` files (or a run's best checkpoint) of the members.
+        load: callable `path -> model` (default `load_model`).
+        prepare: callable `model -> model` applied after loading (e.g.
+            `fully_convolutional`).
+    """
+
+    def __init__(self, paths, load=None, prepare=None):
+        import os
+
+        if len(paths) < 2:
+            raise ValueError("an ensemble needs at least two models.")
+        self.paths = [os.fspath(path) for path in paths]
+        self._load = load or load_model
+        self._prepare = prepare or (lambda model: model)
+        facts, sizes, kept = None, 0, []
+        for path in self.paths:
+            model = self._load(path)
+            found = {"volumes": is_volume_model(model), "input channels":
+                     input_channels(model), "output channels": output_channels(model)}
+            if facts is None:
+                facts = found
+            differing = [f"{key} {found[key]} (not {facts[key]})" for key in facts
+                         if found[key] != facts[key]]
+            if differing:
+                raise ValueError(f"{path} cannot join the ensemble of {self.paths[0]}: "
+                                 f"{', '.join(differing)}; an ensemble's models must take "
+                                 "the same input and give the same classes.")
+            sizes += sum(int(np.prod(weight.shape)) * 4 for weight in model.weights)
+            kept.append(self._prepare(model))
+        self.facts = facts
+        self.kept = kept if sizes <= ENSEMBLE_MEMORY_FRACTION * _available_memory() else None
+        self.model = kept[0]  # for the facts callers read off "the model"
+
+    def models(self):
+        """The members, in order (loaded now when they are not kept)."""
+        if self.kept is not None:
+            yield from self.kept
+            return
+        for path in self.paths:
+            yield self._prepare(self._load(path))
+
+    def average(self, predict):
+        """The mean of `predict(model)` (an array) over the members."""
+        total = None
+        for model in self.models():
+            values = np.asarray(predict(model), "float64")
+            total = values if total is None else total + values
+        return (total / len(self.paths)).astype("float32")
+
+
+def _available_memory():
+    try:
+        with open("/proc/meminfo") as file:
+            for line in file:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 2**31

@@ -43,10 +43,7 @@ def runs_of(folder):
     folder = os.path.abspath(folder)
     if run_folder.is_run_folder(folder):
         return [(os.path.basename(folder), folder)]
-    folds = sorted((int(name.split("_")[1]), os.path.join(folder, name))
-                   for name in os.listdir(folder) if name.startswith("fold_")
-                   and name.split("_")[1].isdigit()) if os.path.isdir(folder) else []
-    found = [(f"fold {fold}", path) for fold, path in folds if run_folder.is_run_folder(path)]
+    found = [(f"fold {fold}", path) for fold, path in cross_validation.fold_runs(folder)]
     if not found:
         raise ValueError(f"{folder} is neither a training run (config.json and log.csv) "
                          "nor a cross-validation folder (fold_0, fold_1, ... runs).")

@@ -248,3 +248,47 @@ def test_a_run_s_report_evaluates_it_when_it_has_no_summary(cross_validated, tmp
     assert text.count('<img class="figure"') == 5
     with pytest.raises(SystemExit):
         cli.main(["report", str(run)])  # exists: refused without --overwrite
+
+
+def test_the_folds_predict_as_one_ensemble(cross_validated, tmp_path, capsys):
+    from PIL import Image
+
+    from attunet_keras import data
+    from attunet_keras import evaluation as evaluation_lib
+    from attunet_keras import inference
+
+    output, _, _ = cross_validated
+    images = tmp_path / "images"
+    images.mkdir()
+    source = output.parent / "set" / "images" / "im0.png"
+    shutil.copy(source, images / "im0.png")
+    assert cli.main(["predict", str(images), "--cross-validation", str(output),
+                     "--output", str(tmp_path / "out"), "--postprocess", "none"]) == 0
+    assert "Ensemble of 3 runs" in capsys.readouterr().out
+    written = np.asarray(Image.open(tmp_path / "out" / "im0_mask.png")) > 0
+    # The mean of the three folds' probabilities, each model run here on its own.
+    image = data.read_image(str(source))
+    mean = np.mean([inference.predict_image(
+        inference.fully_convolutional(evaluation_lib.load_run_model(
+            str(output / f"fold_{fold}"))), image) for fold in range(3)], axis=0)
+    expected = mean[..., 0] > 0.5
+    near_threshold = np.abs(mean[..., 0] - 0.5) < 1e-5
+    assert np.array_equal(written[~near_threshold], expected[~near_threshold])
+
+
+def test_an_ensemble_of_models_of_other_classes_is_refused(tmp_path):
+    from attunet_keras import inference
+    from attunet_keras import models
+
+    paths = []
+    for n_label in (1, 2):
+        model = models.att_unet(16, 16, n_label, depth=1, features=2, in_channels=1,
+                                output_activation="sigmoid" if n_label == 1 else "softmax",
+                                data_format="channels_last")
+        paths.append(tmp_path / f"m{n_label}.keras")
+        model.save(paths[-1])
+    with pytest.raises(ValueError, match=r"m2.keras cannot join the ensemble of .*m1.keras: "
+                                         r"output channels 2 \(not 1\)"):
+        inference.Ensemble(paths)
+    with pytest.raises(ValueError, match="at least two models"):
+        inference.Ensemble(paths[:1])
