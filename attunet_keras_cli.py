@@ -555,6 +555,10 @@ def _add_train_arguments(train, cross_validation=False):
     encoders.add_argument("--backbone", choices=BACKBONES, default=None,
                           help="use this application as the encoder (channels_last, tiles "
                                "divisible by 32; see docs/architecture.md)")
+    variants.add_argument("--init-from", default=None, metavar="FILE.keras",
+                          help="train this saved model (its architecture and weights, "
+                               "e.g. a PyTorch AttU_Net from attunet-keras convert) "
+                               "instead of building an att_unet from these options")
     encoders.add_argument("--backbone-weights", default=None, metavar="imagenet|PATH",
                           help="imagenet (Keras downloads and caches them) or a weights "
                                "file of the application without its top (default: random)")

@@ -64,6 +64,9 @@ class TrainConfig:
         dropout, batch_norm, upsampling, gate, deep_supervision: `att_unet` options.
             With deep supervision the head of decoder level k gets the loss weight
             0.5 ** (k - 1), and the metrics and the checkpoint follow the main output.
+        init_from: str or None. A `.keras` model to train from (its architecture and
+            weights, e.g. a PyTorch AttU_Net from `attunet-keras convert`) instead of
+            building an `att_unet` from the options above.
         backbone: str or None. A `backbones.BACKBONES` encoder for `att_unet`.
         backbone_weights: str or None. `"imagenet"` or a weights file of the encoder.
         freeze_epochs: int. With a backbone, train the first `freeze_epochs` epochs
@@ -103,6 +106,7 @@ class TrainConfig:
     upsampling: str = "nearest"
     gate: str = "additive"
     deep_supervision: bool = False
+    init_from: str = None
     backbone: str = None
     backbone_weights: str = None
     freeze_epochs: int = 0
@@ -176,6 +180,12 @@ class TrainConfig:
                     "the brain dataset's slices are 112x128, not multiples of 32, so they "
                     "cannot go through a backbone; use nuclei or a folder dataset."
                 )
+        if self.init_from is not None:
+            if self.backbone is not None or self.deep_supervision:
+                raise ValueError("init_from trains the architecture of its file; leave "
+                                 "backbone and deep_supervision out.")
+            if not os.path.isfile(self.init_from):
+                raise ValueError(f"init_from={self.init_from!r}: no such .keras file.")
         if self.freeze_epochs and self.backbone is None:
             raise ValueError(
                 f"freeze_epochs={self.freeze_epochs} needs a backbone to freeze.")
@@ -247,6 +257,8 @@ class TrainConfig:
             values["dataset"] = os.path.abspath(self.dataset)
         if self.backbone_weights not in (None, "imagenet"):
             values["backbone_weights"] = os.path.abspath(self.backbone_weights)
+        if self.init_from is not None:
+            values["init_from"] = os.path.abspath(self.init_from)
         if self.cache is not None:
             values["cache"] = os.path.abspath(self.cache)
         if self.folds is not None:

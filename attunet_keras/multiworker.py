@@ -170,6 +170,7 @@ def train(config, *, overwrite=False, verbose="auto", cluster_timeout=CLUSTER_TI
             is not None
     config, dataset = training.run_dataset(config, output, resuming)
     training.check_backbone_weights(config)
+    training.check_init_from(config, dataset)
     cluster = json.loads(os.environ["TF_CONFIG"])["cluster"]
     with deadline(cluster_timeout,
                   f"worker {task_index} ({address}): the other workers of {cluster} did "

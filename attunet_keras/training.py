@@ -20,6 +20,7 @@ import keras
 from attunet_keras import config as config_lib
 from attunet_keras import data as data_lib
 from attunet_keras import evaluation
+from attunet_keras import inference
 from attunet_keras import losses as losses_lib
 from attunet_keras import metrics as metrics_lib
 from attunet_keras import recorder as recorder_lib
@@ -48,6 +49,10 @@ def build_model(config, dataset, jit_compile="auto", frozen=False):
     """
     from attunet_keras import models
 
+    if config.init_from is not None:
+        model = initial_model(config, dataset)
+        compile_model(model, config, dataset, config.learning_rate, jit_compile)
+        return model
     options = dict(
         depth=config.depth, features=config.features, data_format=config.data_format,
         in_channels=dataset.in_channels,
@@ -62,6 +67,34 @@ def build_model(config, dataset, jit_compile="auto", frozen=False):
             *dataset.tile_shape, dataset.n_label, backbone=config.backbone,
             backbone_weights=config.backbone_weights, freeze_backbone=frozen, **options)
     compile_model(model, config, dataset, config.learning_rate, jit_compile)
+    return model
+
+
+def check_init_from(config, dataset):
+    """Refuses an `--init-from` model that cannot train on the run's data, before
+    anything is written (the model is loaded and checked, then dropped)."""
+    if config.init_from is not None:
+        initial_model(config, dataset)
+
+
+def initial_model(config, dataset):
+    """The model of `--init-from FILE.keras` (e.g. from `attunet-keras convert`): its
+    architecture and weights, checked against the run's data and layout; the model
+    then trains as any other (its sizes freed when they are not the run's tile)."""
+    from attunet_keras import model_info
+
+    model = model_info.load_model(config.init_from)
+    what = f"--init-from {config.init_from}"
+    evaluation.check_model_fits(model, dataset, what)
+    if model_info.model_data_format(model) != config.data_format:
+        raise ValueError(f"{what} is a {model_info.model_data_format(model)} model; give "
+                         f"--data-format {model_info.model_data_format(model)}.")
+    multiple = model_info.size_multiple(model)
+    if any(side % multiple for side in dataset.tile_shape):
+        raise ValueError(f"{what} takes sizes that are multiples of {multiple}; the tile "
+                         f"{'x'.join(map(str, dataset.tile_shape))} is not (--tile).")
+    if model_info.own_size(model) not in (None, tuple(dataset.tile_shape)):
+        model = inference.fully_convolutional(model)
     return model
 
 
@@ -167,6 +200,7 @@ def _train_locked(config, output, overwrite, verbose):
     resuming = run_folder.check_output(config, output, overwrite)
     config, dataset = run_dataset(config, output, resuming)
     check_backbone_weights(config)
+    check_init_from(config, dataset)
     strategy = distribute.get_strategy(config.strategy)
     global_batch, steps = batching(config, strategy, dataset)
     jit_compile = distribute.resolve_jit_compile(config.jit_compile, strategy)

@@ -232,3 +232,39 @@ def test_convert_on_the_command_line_reads_the_network_from_its_tensors(tmp_path
                       *argv])
         assert exit_info.value.code == 2 and message in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.pt", "model.keras"]
+
+
+def test_a_converted_model_trains_shows_its_gates_and_exports(tmp_path, capsys):
+    """--init-from: the converted network is the run's model (architecture and
+    weights), and the run goes through attention and export like any other."""
+    net = _randomise(_torch_attu_net(depth=2, features=4, in_channels=1, n_label=1), seed=4)
+    torch.save(net.state_dict(), tmp_path / "ckpt.pth")
+    converted = tmp_path / "attu_net.keras"
+    assert cli.main(["convert", "--from-torch", str(tmp_path / "ckpt.pth"), "--output",
+                     str(converted)]) == 0
+    run = tmp_path / "run"
+    train = ["train", "--dataset", "nuclei", "--output", str(run), "--init-from",
+             str(converted), "--epochs", "1", "--steps-per-epoch", "2", "--batch-size", "2",
+             "--tile", "64", "--val-batches", "1", "--verbose", "0"]
+    assert cli.main(train) == 0
+    best = keras.saving.load_model(run / "best.keras")
+    initial = keras.saving.load_model(converted)
+    assert best.get_layer("Att3_gate_sigmoid") is not None
+    assert not np.array_equal(best.get_layer("Conv1_conv_0").get_weights()[0],
+                              initial.get_layer("Conv1_conv_0").get_weights()[0])
+    assert cli.main(["attention", "--run", str(run), "--output",
+                     str(tmp_path / "gates.png")]) == 0
+    assert "Att3" in capsys.readouterr().out or (tmp_path / "gates.png").is_file()
+    assert cli.main(["export", "--run", str(run), "--output", str(tmp_path / "saved")]) == 0
+    assert (tmp_path / "saved" / "1" / "saved_model.pb").is_file()
+
+    rgb = _randomise(_torch_attu_net(depth=2, features=4, in_channels=3, n_label=1))
+    torch.save(rgb.state_dict(), tmp_path / "rgb.pth")
+    assert cli.main(["convert", "--from-torch", str(tmp_path / "rgb.pth"), "--output",
+                     str(tmp_path / "rgb.keras")]) == 0
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        cli.main(["train", "--dataset", "nuclei", "--output", str(tmp_path / "other"),
+                  "--init-from", str(tmp_path / "rgb.keras"), "--tile", "64"])
+    assert "takes 3 input channel(s) but the run's images have 1" in capsys.readouterr().err
+    assert not (tmp_path / "other").exists()
