@@ -348,6 +348,10 @@ def build_parser():
                           help="evaluate this saved model on the run's held-out data "
                                "instead of the run's best (it must take the run's "
                                "channels and give its classes)")
+    evaluate.add_argument("--with-run", metavar="DIR", action="append", default=None,
+                          help="evaluate the ensemble of the run's best model and this "
+                               "run's (repeatable; probabilities averaged) on the run's "
+                               "held-out data: runs that never saw those cases")
     evaluate.add_argument("--json", action="store_true", help="print JSON")
     evaluate.add_argument("--output", default=None, metavar="DIR",
                           help="folder of summary.json and summary.csv (per case and "

@@ -219,6 +219,10 @@ def _evaluate(args):
     decisions, source = (postprocess.decisions_for(args.run) if args.postprocess == "auto"
                          else (None, None))
     model = model_info.load_model(args.model) if args.model else None
+    if args.with_run:
+        if args.model:
+            raise ValueError("--with-run joins the run's own best model; leave --model out.")
+        model = _ensemble([args.run, *args.with_run])  # each loads as a run, or says why
     result = evaluation.evaluate_run(args.run, model=model,
                                      nsd_tolerance=args.nsd_tolerance,
                                      postprocessing=decisions)

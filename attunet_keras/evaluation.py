@@ -72,15 +72,17 @@ def evaluate_run(run_dir, *, dataset=None, model=None, overlap=EVALUATE_OVERLAP,
     dataset = dataset or config_lib.load_data(config)
     if model is None:
         model = load_run_model(run_dir)
-    else:
-        check_model_fits(model, dataset)
+    else:  # another model, or an `inference.Ensemble` (its first member's facts)
+        check_model_fits(model.model if isinstance(model, inference.Ensemble) else model,
+                         dataset)
     return evaluate_model(model, dataset, config, overlap=overlap,
                           nsd_tolerance=nsd_tolerance, postprocessing=postprocessing)
 
 
 def evaluate_model(model, dataset, config, overlap=EVALUATE_OVERLAP,
                    nsd_tolerance=NSD_TOLERANCE, postprocessing=None):
-    """Held-out scores of `model` on the whole held-out images: dataset-wide Dice,
+    """Held-out scores of `model` (or of an `inference.Ensemble`, its members'
+    probabilities averaged) on the whole held-out images: dataset-wide Dice,
     IoU and HD95 (`result["model"]`), next to Otsu's, and per case (`result["summary"]`,
     `case_scores` and `summarize`).
 
@@ -99,9 +101,13 @@ def evaluate_model(model, dataset, config, overlap=EVALUATE_OVERLAP,
     cases = []
     for index in dataset.val:
         image, mask = dataset.read(index)
-        probabilities = inference.predict_sliding_window(
-            model, image, dataset.tile_shape, overlap=overlap,
-            batch_size=config.batch_size, normalized=True)
+        def predict(member):
+            return inference.predict_sliding_window(
+                member, image, dataset.tile_shape, overlap=overlap,
+                batch_size=config.batch_size, normalized=True)
+
+        probabilities = (model.average(predict) if isinstance(model, inference.Ensemble)
+                         else predict(model))
         labels = inference.labels_from_probabilities(probabilities)
         candidates = postprocess.candidates(labels, mask, dataset.n_label, case_dice)
         if postprocessing:

@@ -292,3 +292,36 @@ def test_an_ensemble_of_models_of_other_classes_is_refused(tmp_path):
         inference.Ensemble(paths)
     with pytest.raises(ValueError, match="at least two models"):
         inference.Ensemble(paths[:1])
+
+
+def test_evaluate_scores_an_ensemble_of_runs_on_a_run_s_held_out_cases(cross_validated,
+                                                                        tmp_path, capsys):
+    from attunet_keras import evaluation as evaluation_lib
+    from attunet_keras import inference
+
+    output = cross_validated[0]
+    out = tmp_path / "scores"
+    out.mkdir()
+    assert cli.main(["evaluate", str(output / "fold_0"), "--with-run", str(output / "fold_1"),
+                     "--output", str(out), "--postprocess", "none", "--json"]) == 0
+    printed = capsys.readouterr().out
+    result = json.loads(printed[printed.index("{"):])
+    assert "dice" in result["model"]
+    # Each held-out case of fold 0 by hand: the two models' probabilities averaged,
+    # thresholded, and Dice counted with numpy.
+    members = [evaluation_lib.load_run_model(str(output / f"fold_{fold}")) for fold in (0, 1)]
+    config = config_lib.read_config(str(output / "fold_0"))
+    dataset = config_lib.load_data(config)
+    summary = json.loads((out / "summary.json").read_text())
+    written = {case["case"]: case["classes"]["foreground"]["dice"]
+               for case in summary["cases"]}
+    for index in dataset.val:
+        image, mask = dataset.read(index)
+        mean = np.mean([inference.predict_sliding_window(
+            member, image, dataset.tile_shape, overlap=0.25, normalized=True)[..., 0]
+            for member in members], axis=0)
+        assert np.abs(mean - 0.5).min() > 1e-5  # no tie at the threshold
+        predicted, truth = mean > 0.5, mask > 0
+        total = predicted.sum() + truth.sum()
+        dice = 1.0 if total == 0 else 2 * (predicted & truth).sum() / total
+        assert written[dataset.items[index].name] == pytest.approx(dice, abs=1e-9)
