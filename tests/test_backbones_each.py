@@ -1,5 +1,5 @@
-"""Every keras.applications backbone builds at 128 and 160, trains, saves and reloads;
-every family exports.
+"""Every keras.applications backbone builds at 128, trains, saves and reloads; one
+member of every family also builds at 160 and exports.
 
 Its own module so that pytest-xdist (make test: --dist loadfile) runs it beside the
 other backbone tests: it is the slowest file of the suite (about 5 minutes on 2 cores).
@@ -27,7 +27,8 @@ def _model(backbone, size=128, **options):
 
 @pytest.mark.parametrize("backbone", sorted(backbones.BACKBONES))
 def test_every_backbone_builds_trains_saves_reloads_and_exports(backbone, tmp_path):
-    assert _model(backbone, size=160).output.shape == (None, 160, 160, 1)
+    if backbone not in NOT_EXPORTED:  # 160 (a multiple of 32, not of 64): one per family
+        assert _model(backbone, size=160).output.shape == (None, 160, 160, 1)
     model = _model(backbone)
     assert model.output.shape == (None, 128, 128, 1)
     encoder = model.get_layer(f"{backbone}_encoder")

@@ -238,10 +238,11 @@ def test_a_converted_model_trains_shows_its_gates_and_exports(tmp_path, capsys):
     """--init-from: the converted network is the run's model (architecture and
     weights), and the run goes through attention and export like any other."""
     net = _randomise(_torch_attu_net(depth=2, features=4, in_channels=1, n_label=1), seed=4)
-    torch.save(net.state_dict(), tmp_path / "ckpt.pth")
-    converted = tmp_path / "attu_net.keras"
-    assert cli.main(["convert", "--from-torch", str(tmp_path / "ckpt.pth"), "--output",
-                     str(converted)]) == 0
+    converted = tmp_path / "attu_net.keras"  # as convert writes it (its CLI: above)
+    model = models.att_unet(None, None, 1, depth=2, features=4, in_channels=1,
+                            variant="attu_net", dropout=0, batch_norm=True,
+                            data_format="channels_last", name="attu_net")
+    convert.load_torch_state_dict(model, net.state_dict()).save(converted)
     run = tmp_path / "run"
     train = ["train", "--dataset", "nuclei", "--output", str(run), "--init-from",
              str(converted), "--epochs", "1", "--steps-per-epoch", "2", "--batch-size", "2",
@@ -258,10 +259,8 @@ def test_a_converted_model_trains_shows_its_gates_and_exports(tmp_path, capsys):
     assert cli.main(["export", "--run", str(run), "--output", str(tmp_path / "saved")]) == 0
     assert (tmp_path / "saved" / "1" / "saved_model.pb").is_file()
 
-    rgb = _randomise(_torch_attu_net(depth=2, features=4, in_channels=3, n_label=1))
-    torch.save(rgb.state_dict(), tmp_path / "rgb.pth")
-    assert cli.main(["convert", "--from-torch", str(tmp_path / "rgb.pth"), "--output",
-                     str(tmp_path / "rgb.keras")]) == 0
+    _keras_model(2, "channels_last", depth=2, features=4, in_channels=3).save(
+        tmp_path / "rgb.keras")
     capsys.readouterr()
     with pytest.raises(SystemExit):
         cli.main(["train", "--dataset", "nuclei", "--output", str(tmp_path / "other"),

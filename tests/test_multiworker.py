@@ -192,7 +192,7 @@ def test_a_taken_port_is_named_and_the_peer_gives_up_in_time(tmp_path):
     try:
         started = time.time()
         processes = _start_workers(tmp_path / "run", ["--dataset", "nuclei",
-                                                      "--cluster-timeout", "20"], ports)
+                                                      "--cluster-timeout", "8"], ports)
         outputs = _finish(processes, timeout=150)
         elapsed = time.time() - started
     finally:
@@ -200,6 +200,6 @@ def test_a_taken_port_is_named_and_the_peer_gives_up_in_time(tmp_path):
     # worker 1 stops with the port named; worker 0 is ended by its watchdog (SIGKILL)
     assert [p.returncode for p in processes] == [-signal.SIGKILL, 2], outputs
     assert f"cannot listen on localhost:{ports[1]} (port {ports[1]})" in outputs[1]
-    assert "did not join within 20 s (--cluster-timeout)" in outputs[0]
+    assert "did not join within 8 s (--cluster-timeout)" in outputs[0]
     assert elapsed < 120
     assert not (tmp_path / "run").exists()
