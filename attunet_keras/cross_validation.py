@@ -13,7 +13,6 @@ is decided from them (`postprocess.decide`, nnU-Net's rule) and written in
 """
 
 import dataclasses
-import json
 import os
 
 from attunet_keras import evaluation
@@ -72,11 +71,7 @@ def _combine(config, output, folds):
         if not os.path.isfile(path):
             raise FileNotFoundError(f"{path} is missing: fold {fold} finished without its "
                                     "per-case summary; train it again with --overwrite.")
-        with open(path) as file:
-            summary = json.load(file)
-        for case in summary["cases"]:
-            cases.append(dict(case, fold=fold))
-    cases = [from_json(case) for case in cases]
+        cases += [dict(case, fold=fold) for case in evaluation.read_summary(path)["cases"]]
     n_label = config.n_label  # a folder dataset's, given with --n-label
     summary = evaluation.summarize(cases, n_label)
     candidates = [{kind: {int(label): value for label, value in values.items()}
@@ -92,13 +87,3 @@ def _combine(config, output, folds):
             "postprocessing": {"decisions": decisions, "report": report},
             "written": written}
 
-
-def from_json(value):
-    """`summary.json`'s "nan" / "inf" strings back to floats."""
-    if isinstance(value, dict):
-        return {key: from_json(item) for key, item in value.items()}
-    if isinstance(value, list):
-        return [from_json(item) for item in value]
-    if value in ("nan", "inf", "-inf"):
-        return float(value)
-    return value

@@ -1,6 +1,7 @@
 """Held-out scores of a run: Dice, IoU and HD95 of whole images by sliding windows,
 next to an Otsu baseline (`evaluate_run`, `attunet-keras evaluate`)."""
 
+import json
 import math
 import os
 
@@ -299,6 +300,23 @@ def write_summary(folder, summary):
             writer.writerow({"case": case["case"], "class": name, **scores})
     runs.write_text(csv_path, text.getvalue())
     return json_path, csv_path
+
+
+def read_summary(path):
+    """The summary `write_summary` wrote at `path`, its "nan" / "inf" strings floats
+    again."""
+    with open(path) as file:
+        return _from_json_safe(json.load(file))
+
+
+def _from_json_safe(value):
+    if isinstance(value, dict):
+        return {key: _from_json_safe(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_from_json_safe(item) for item in value]
+    if value in ("nan", "inf", "-inf"):
+        return float(value)
+    return value
 
 
 def json_safe(value):

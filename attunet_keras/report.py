@@ -86,8 +86,7 @@ def _summary(folder, members):
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path} is missing: run attunet-keras cross-validate "
                                 "again to finish the cross-validation.")
-    with open(path) as file:
-        summary = cross_validation.from_json(json.load(file))
+    summary = evaluation.read_summary(path)
     fold_of = {}
     for index, (_, run) in enumerate(members):
         for name in config_lib.read_config(run).val_files or []:
