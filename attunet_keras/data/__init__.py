@@ -4,6 +4,8 @@
   folder datasets and in-memory arrays.
 - `files`: reading, normalising, pairing and checking image files.
 - `pipeline`: the training and validation `tf.data` pipelines.
+- `medical`: Decathlon and nnU-Net v2 folders (dataset.json, imagesTr/, labelsTr/).
+- `planning`: target spacing, resampling, normalisation by modality, plan.json.
 
 Everything is importable from `attunet_keras.data` directly.
 """
@@ -16,10 +18,14 @@ from attunet_keras.data.datasets import SegmentationData
 from attunet_keras.data.datasets import brain
 from attunet_keras.data.datasets import brain3d
 from attunet_keras.data.datasets import brain_volumes
+from attunet_keras.data.datasets import case_names
+from attunet_keras.data.datasets import medical_folder
 from attunet_keras.data.datasets import folder
 from attunet_keras.data.datasets import from_arrays
 from attunet_keras.data.datasets import nuclei
 from attunet_keras.data.datasets import split_blocks
+from attunet_keras.data import medical
+from attunet_keras.data import planning
 from attunet_keras.data.files import IMAGE_EXTENSIONS
 from attunet_keras.data.files import VOLUME_EXTENSIONS
 from attunet_keras.data.files import PairCache

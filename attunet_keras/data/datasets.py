@@ -49,6 +49,11 @@ class Item:
     shape: tuple
     read: object
     spacing: tuple = None
+    # Medical cases resampled to a plan's spacing: `truth()` gives `(labels on the
+    # case's own grid, its own spacing)` and `restore(probabilities)` puts the
+    # probabilities of the resampled case back on that grid (scores are computed there).
+    truth: object = None
+    restore: object = None
 
 
 class SegmentationData:
@@ -503,6 +508,139 @@ def _index_headers(path, pairs):
             "(attunet-keras check-data lists every problem of the pixels too):\n"
             + "\n".join(shown) + more)
     return shapes, next(iter(channels)), spacings
+
+
+# ------------------------------------------------------- Decathlon and nnU-Net
+
+
+def medical_folder(path, plan, tile=None, val_fraction=0.2, seed=0, val_files=None,
+                   cache=None, n_label=None):
+    """A Decathlon or nnU-Net v2 folder (`medical.describe`) as the model sees it.
+
+    Each case is read, normalised channel by channel and resampled to the plan's
+    target spacing when the pipeline needs it (`planning.prepare_case`), so memory
+    does not grow with the number of cases; `cache` keeps the prepared cases, keyed by
+    the files and the plan's spacing, interpolation and normalisation. The held-out
+    cases are a seeded draw of `val_fraction`, or `val_files` (case names). Scores are
+    computed on each case's own grid (`Item.truth`, `Item.restore`).
+
+    Args:
+        path: str. The folder (dataset.json, imagesTr/, labelsTr/).
+        plan: dict. `planning.make_plan(path, ...)` or `planning.read_plan(file)`.
+        tile: int or None. A cubic patch instead of the plan's.
+        n_label: int or None. Checked against the labels of dataset.json.
+    """
+    from attunet_keras.data import medical
+    from attunet_keras.data import planning
+
+    folder = medical.describe(path)
+    if n_label is not None and n_label != folder.n_label:
+        raise ValueError(
+            f"n_label={n_label} but {path}/dataset.json has {len(folder.label_names)} "
+            f"labels ({', '.join(folder.label_names)}): n_label {folder.n_label}. Leave "
+            "--n-label out for these folders.")
+    if list(plan["channels"]) != list(folder.channels) or list(plan["labels"]) != list(
+            folder.label_names):
+        raise ValueError(f"the plan is for channels {plan['channels']} and labels "
+                         f"{plan['labels']}, but {path} has {list(folder.channels)} and "
+                         f"{list(folder.label_names)}; plan this folder again.")
+    geometries = medical.headers(folder)
+    names = folder.case_names
+    if len(names) < 2:
+        raise ValueError(f"{path}: {len(names)} case(s); at least 2 are needed so that "
+                         "one can be held out.")
+    val = _held_out(names, val_fraction, seed, val_files, path)
+    train = [index for index in range(len(names)) if index not in set(val)]
+    target = plan["spacing"]["target"]
+    n_values = len(folder.label_names)
+    pair_cache = None
+    notes = []
+    if cache is not None:
+        pair_cache = files.PairCache(cache, folder.n_label, tag=planning.plan_key(plan))
+        keys = [pair_cache.key(case.label, *case.images, stem=case.name)
+                for case in folder.cases]
+        kept, removed = pair_cache.prune(None, keys=keys)
+        notes.append(f"cache {pair_cache.folder}: {kept} of {len(names)} cases prepared"
+                     + (f"; {removed} stale entr{'y' if removed == 1 else 'ies'} removed "
+                        "(their files or the plan changed)" if removed else ""))
+
+    def prepare(case):
+        image, labels, geometry = medical.read_case(case)
+        problems = medical.label_problems(labels, case.label, n_values)
+        if problems:
+            raise ValueError(problems[0])
+        image, labels, _ = planning.prepare_case(image, labels, geometry, plan)
+        return image, _labels_of(labels, folder.n_label)
+
+    def read(index):
+        case = folder.cases[index]
+        if pair_cache is None:
+            return prepare(case)
+        return pair_cache.cached(keys[index], case.images[0], case.label,
+                                 lambda: prepare(case))
+
+    def truth(index):
+        case = folder.cases[index]
+        labels = medical.read_case(case)[1]
+        return _labels_of(labels, folder.n_label), tuple(geometries[index].spacing)
+
+    def restore(index, probabilities):
+        return planning.restore_probabilities(probabilities, geometries[index], plan)
+
+    items = []
+    for index, (case, geometry) in enumerate(zip(folder.cases, geometries)):
+        shape = (planning.new_shape(geometry.shape, geometry.spacing, target) if target
+                 else geometry.shape)
+        items.append(Item(case.name, tuple(shape), functools.partial(read, index),
+                          tuple(target) if target else (
+                              tuple(geometry.spacing) if folder.dims == 3 else None),
+                          truth=functools.partial(truth, index),
+                          restore=functools.partial(restore, index)))
+    tile_shape = (tile,) * folder.dims if tile else tuple(plan["patch"])
+    small = [item.name for item in items if any(
+        side < patch for side, patch in zip(item.shape, tile_shape))]
+    if small:
+        notes.append(f"{len(small)} case(s) smaller than the "
+                     f"{'x'.join(map(str, tile_shape))} patch after resampling (e.g. "
+                     f"{small[0]}) are padded with zeros, labelled background.")
+    if target:
+        notes.append("cases resampled to " + " x ".join(f"{v:.3g}" for v in target)
+                     + f" ({plan['spacing']['rule']}); scored on their own grids")
+    notes.append("normalization: " + ", ".join(
+        f"{rule['channel']} {rule['scheme']}" for rule in plan["normalization"]))
+    return SegmentationData(
+        folder.name, items, train, val, folder.n_label,
+        folder.label_names if folder.n_label > 1 else folder.label_names[:2],
+        source=os.path.abspath(path), in_channels=len(folder.channels),
+        tile_shape=tile_shape, notes=notes)
+
+
+def _labels_of(labels, n_label):
+    return np.asarray(labels).astype(files.label_dtype(max(n_label, 2)))
+
+
+def _held_out(names, val_fraction, seed, val_files, path):
+    if val_files is None:
+        order = np.random.default_rng(seed).permutation(len(names))
+        return sorted(order[:max(1, int(round(val_fraction * len(names))))].tolist())
+    missing = sorted(set(val_files) - set(names))
+    if missing:
+        raise ValueError(f"{path}: the held-out cases {missing[:5]} recorded for this run "
+                         "are no longer in the dataset; restore them or start a new run.")
+    val = sorted(names.index(name) for name in val_files)
+    if len(val) == len(names):
+        raise ValueError(f"{path}: every case is held out; keep at least one for training.")
+    return val
+
+
+def case_names(path):
+    """The names the held-out split and the folds are drawn over: a medical folder's
+    case names, else the image file names of `images/`."""
+    from attunet_keras.data import medical
+
+    if medical.layout(path):
+        return medical.describe(path).case_names
+    return [os.path.basename(image) for image, _ in files.find_pairs(path)]
 
 
 # ---------------------------------------------------------------------- arrays

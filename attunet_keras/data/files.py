@@ -439,28 +439,32 @@ class PairCache:
     SUFFIX = ".pair.npz"
     FORMAT = 2  # 2: labels of label_dtype(n_label) (1 kept uint8 labels only)
 
-    def __init__(self, folder, n_label, say=None):
+    def __init__(self, folder, n_label, say=None, tag=""):
         self.folder = os.path.abspath(folder)
         self.n_label = n_label
         self.say = say or _say_on_stderr
+        self.tag = tag  # what else an entry depends on (a medical dataset's plan)
         if os.path.exists(self.folder) and not os.path.isdir(self.folder):
             raise ValueError(f"cache {folder} exists and is not a folder.")
 
-    def key(self, image_path, mask_path):
+    def key(self, image_path, mask_path, *more_paths, stem=None):
         digest = hashlib.sha1(f"format={self.FORMAT}|n_label={self.n_label}".encode())
-        for path in (image_path, mask_path):
+        if self.tag:
+            digest.update(f"|tag={self.tag}".encode())
+        for path in (image_path, mask_path, *more_paths):
             stat = os.stat(path)
             digest.update(f"|{os.path.abspath(path)}|{stat.st_size}|{stat.st_mtime_ns}"
                           .encode())
-        stem = os.path.splitext(os.path.basename(image_path))[0]
+        stem = stem or os.path.splitext(os.path.basename(image_path))[0]
         return f"{stem}.{digest.hexdigest()[:16]}{self.SUFFIX}"
 
-    def prune(self, pairs):
-        """Removes entries that are not a current key of `pairs`; returns
-        `(entries kept, entries removed)`. Temporary files and locks are left alone:
-        another process may be writing them."""
+    def prune(self, pairs, keys=None):
+        """Removes entries that are not a current key of `pairs` (or of `keys`);
+        returns `(entries kept, entries removed)`. Temporary files and locks are left
+        alone: another process may be writing them."""
         os.makedirs(self.folder, exist_ok=True)
-        current = {self.key(image, mask) for image, mask in pairs}
+        current = set(keys) if keys is not None else {self.key(image, mask)
+                                                      for image, mask in pairs}
         kept = removed = 0
         for name in os.listdir(self.folder):
             if not name.endswith(self.SUFFIX) or name.startswith("."):  # "." : temporary
@@ -477,7 +481,12 @@ class PairCache:
 
     def load(self, image_path, mask_path):
         """The pair from its entry, or decoded (and the entry written)."""
-        path = os.path.join(self.folder, self.key(image_path, mask_path))
+        return self.cached(self.key(image_path, mask_path), image_path, mask_path,
+                           lambda: load_pair(image_path, mask_path, self.n_label))
+
+    def cached(self, key, image_path, mask_path, decode):
+        """The entry `key`, or `decode()`'s `(image, mask)` written as it."""
+        path = os.path.join(self.folder, key)
         entry = self._read(path, image_path, mask_path)
         if entry is not None:
             return entry
@@ -486,7 +495,7 @@ class PairCache:
             entry = self._read(path, image_path, mask_path)  # written while we waited?
             if entry is not None:
                 return entry
-            image, mask = load_pair(image_path, mask_path, self.n_label)
+            image, mask = decode()
             with runs.atomic_path(path, suffix=self.SUFFIX) as temporary:
                 np.savez(temporary, image=image, mask=mask)
         return image, mask
