@@ -31,6 +31,7 @@ JIT_CHOICES = ("auto", "on", "off")
 CHANNEL_CONVERSIONS = ("gray", "rgb")
 # The backends Keras 3 knows (keras.src.backend.config); the package is tested under the
 # first three.
+NORMALIZATIONS = ("ct", "zscore", "percentile", "rescale_to_0_1", "rgb_to_0_1", "none")
 KERAS_BACKENDS = ("tensorflow", "jax", "torch", "numpy", "openvino")
 BACKBONES = ("vgg16", "resnet50", "resnet50v2", "efficientnetb0", "efficientnetb1",
              "efficientnetb2", "efficientnetb3", "mobilenetv2", "convnext_tiny")
@@ -320,6 +321,7 @@ def build_parser():
                         help="replace the page when it exists")
 
     _add_train_parser(commands)
+    _add_plan_parser(commands)
 
     check_data = commands.add_parser(
         "check-data", help="read every image/mask pair of a folder once; list all problems",
@@ -328,13 +330,20 @@ def build_parser():
             "and print every problem, each with its file: unreadable or truncated "
             "files, NaN or infinite pixels, float or RGB masks, labels outside "
             "0..N-1, image and mask sizes that differ, images without masks and masks "
-            "without images. Exit status 1 if there is any."
+            "without images. A Decathlon / nnU-Net v2 folder: every case listed in "
+            "dataset.json or imagesTr/ read once: missing files, channels of another "
+            "shape or affine, labels outside dataset.json's. Exit status 1 if there is "
+            "any."
         ),
     )
-    check_data.add_argument("dataset", metavar="DIR", help="folder with images/ and masks/")
-    check_data.add_argument("--n-label", type=_positive_int, required=True, metavar="N",
+    check_data.add_argument("dataset", metavar="DIR",
+                            help="folder with images/ and masks/, or a Decathlon / "
+                                 "nnU-Net v2 folder")
+    check_data.add_argument("--n-label", type=_positive_int, default=None, metavar="N",
                             help="1 for binary masks (0/1 or 0/255), else the number of "
-                                 "classes, background included")
+                                 "classes, background included (needed for images/ + "
+                                 "masks/; a Decathlon / nnU-Net folder's dataset.json "
+                                 "gives it)")
 
     evaluate = commands.add_parser(
         "evaluate", help="held-out Dice and IoU of a run, next to an Otsu baseline",
@@ -425,6 +434,49 @@ def build_parser():
     return parser
 
 
+def _medical_options(group):
+    group.add_argument("--spacing", default=None, metavar="auto|none|X,Y,Z",
+                       help="target voxel spacing: auto (nnU-Net's rule: the median, or "
+                            "the 10th percentile of a coarse axis), none (voxels as "
+                            "stored) or X,Y,Z in mm (default: auto)")
+    group.add_argument("--normalization", default=None, metavar="SCHEME[,SCHEME...]",
+                       help=f"intensity normalisation, one for every channel or one per "
+                            f"channel: {', '.join(NORMALIZATIONS)} (default: from each "
+                            "channel's modality: CT -> ct, the dataset's foreground "
+                            "percentiles and statistics; others -> zscore per image)")
+
+
+def _add_plan_parser(commands):
+    plan = commands.add_parser(
+        "plan", help="plan a Decathlon / nnU-Net folder: spacing, normalisation, patch",
+        description=(
+            "Read a Decathlon or nnU-Net v2 folder's headers and voxels once and write "
+            "DIR/plan.json: cases, channels, labels, spacing percentiles and the target "
+            "spacing, the median shape after resampling, the patch, batch size and depth "
+            "that fit --memory-gb, the normalisation of every channel with its "
+            "statistics and the class frequencies. train --plan uses it. The rules are "
+            "nnU-Net v2's (docs/data.md)."
+        ),
+    )
+    plan.add_argument("dataset", metavar="DIR", help="folder with dataset.json, imagesTr/, "
+                                                      "labelsTr/")
+    plan.add_argument("--output", default=None, metavar="PLAN.json",
+                      help="where to write the plan (default: DIR/plan.json)")
+    _medical_options(plan)
+    plan.add_argument("--memory-gb", type=float, default=None, metavar="GB",
+                      help="memory one training step may take (default: what is free "
+                           "now, at most 8)")
+    plan.add_argument("--batch-size", type=_positive_int, default=None, metavar="N",
+                      help="fix the batch size (default: 2 for volumes, 12 for images)")
+    plan.add_argument("--depth", type=_positive_int, default=None, metavar="N",
+                      help="fix the depth (default: as deep as 4 voxels at the bottom "
+                           "allow, at most 5)")
+    plan.add_argument("--features", type=_positive_int, default=TRAIN_DEFAULTS.features,
+                      metavar="N", help="base features the memory estimate assumes "
+                                        f"(default: {TRAIN_DEFAULTS.features})")
+    plan.add_argument("--overwrite", action="store_true", help="replace the plan")
+
+
 def _window_options(command):
     """--patch and --overlap: sliding windows for images larger than a patch."""
     windows = command.add_argument_group("large images")
@@ -470,8 +522,9 @@ def _add_train_parser(commands):
 def _add_train_arguments(train, cross_validation=False):
     defaults = TRAIN_DEFAULTS
     train.add_argument("--dataset", required=True, metavar="nuclei|brain|brain3d|PATH",
-                       help="built-in dataset, or a folder with images/ and masks/ (2D "
-                            "images, or NIfTI volumes for att_unet_3d)")
+                       help="built-in dataset, a folder with images/ and masks/ (2D "
+                            "images, or NIfTI volumes for att_unet_3d), or a Decathlon / "
+                            "nnU-Net v2 folder (dataset.json, imagesTr/, labelsTr/)")
     train.add_argument("--output", required=True, metavar="DIR",
                        help="the cross-validation folder" if cross_validation
                        else "the run folder")
@@ -535,13 +588,20 @@ def _add_train_arguments(train, cross_validation=False):
                        help="keep decoded, normalised pairs of a folder dataset in DIR so "
                             "later epochs skip decoding; entries of changed files are "
                             "rebuilt (default: off)")
+    medical = train.add_argument_group(
+        "Decathlon / nnU-Net folders (dataset.json, imagesTr/, labelsTr/)")
+    _medical_options(medical)
+    medical.add_argument("--plan", default=None, metavar="PLAN.json",
+                         help="the plan of attunet-keras plan (default: planned when the "
+                              "run starts, recorded as RUN/plan.json)")
     train.add_argument("--data-format", choices=("channels_first", "channels_last"),
                        default=defaults.data_format,
                        help=f"layout (default: {defaults.data_format}, faster on CPUs; "
                             "summary, plot and export default to the reference's "
                             "channels_first)")
     train.add_argument("--n-label", type=int, default=None, metavar="N",
-                       help="classes of a folder dataset: 1 for binary masks")
+                       help="classes of a folder dataset: 1 for binary masks (a Decathlon "
+                            "/ nnU-Net folder's dataset.json gives it)")
     variants = train.add_argument_group("architecture options (att_unet)")
     variants.add_argument("--dropout", type=float, default=defaults.dropout,
                           metavar="RATE", help=f"dropout rate (default: {defaults.dropout})")

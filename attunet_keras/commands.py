@@ -360,6 +360,9 @@ def _predict(args):
         if not args.input:
             raise ValueError("an ensemble predicts given images (each run held out other "
                              "cases): give IMAGE_OR_FOLDER.")
+    plan = _run_plan(args.run)
+    if plan is not None and args.input:
+        return _predict_medical(args, plan)
     names = _input_names(args)
     if os.path.exists(args.output) and not os.path.isdir(args.output):
         raise FileExistsError(f"--output {args.output} exists and is not a folder.")
@@ -392,6 +395,50 @@ def _predict(args):
             _check_planned(args, names, [os.path.join(args.output, f"{name}_{kind}.png")
                                          for name, _ in names for kind in ("mask", "overlay")])
         _predict_images(args, names, model, channels, n_label)
+    return 0
+
+
+def _run_plan(run):
+    """The plan.json a run trained on a Decathlon / nnU-Net folder recorded, else None."""
+    from attunet_keras.data import planning
+
+    if run is None:
+        return None
+    path = os.path.join(run, planning.PLAN_FILE)
+    return planning.read_plan(path) if os.path.isfile(path) else None
+
+
+def _predict_medical(args, plan):
+    """predict for a run planned on a Decathlon / nnU-Net folder: OUTPUT/CASE.nii.gz
+    (nnU-Net's names: the case without its channel suffix) on each case's own grid."""
+    from attunet_keras import inference
+
+    cases = inference.medical_cases(args.input, plan)
+    ending = ".png" if plan["dims"] == 2 else ".nii.gz"
+    planned = [os.path.join(args.output, f"{case.name}{ending}") for case in cases]
+    names = [(case.name, case.images[0]) for case in cases]
+    if os.path.exists(args.output) and not os.path.isdir(args.output):
+        raise FileExistsError(f"--output {args.output} exists and is not a folder.")
+    inputs = {os.path.dirname(os.path.realpath(path)) for case in cases
+              for path in case.images}
+    if os.path.realpath(args.output) in inputs:
+        raise ValueError(f"--output {args.output} is the input folder; write the masks "
+                         "elsewhere.")
+    _check_planned(args, names, planned)
+    decisions = _postprocessing(args)
+    members = _ensemble_runs(args)
+    model = _ensemble(members) if members else _load_or_build(args)
+    first = model.model if isinstance(model, inference.Ensemble) else model
+    patch = args.patch or inference.own_size(first) or tuple(plan["patch"])
+    patch = inference.check_patch_size(first, patch, rank=plan["dims"])
+    with runs.folder_lock(args.output, what="predict output folder", keep=False):
+        _check_planned(args, names, planned)
+        for case, output in zip(cases, planned):
+            labels = inference.predict_medical_case(
+                model, case, plan, output, patch, overlap=args.overlap, tta=args.tta,
+                threshold=args.threshold, postprocessing=decisions)
+            print(f"Wrote {output} ({'x'.join(map(str, labels.shape))} labels on the grid "
+                  f"of {case.images[0]}; {len(case.images)} file(s) in)")
     return 0
 
 
@@ -605,6 +652,11 @@ def _check_data(args):
 
     if not os.path.isdir(args.dataset):
         raise FileNotFoundError(f"{args.dataset} is not a folder.")
+    if data.medical.layout(args.dataset):
+        return _check_medical(args)
+    if args.n_label is None:
+        raise ValueError(f"{args.dataset} holds images/ and masks/; give --n-label (1 "
+                         "for binary masks, else the number of classes).")
     checked, problems, notes = data.check_folder(args.dataset, args.n_label)
     for note in notes:
         print(f"note: {note}")
@@ -614,6 +666,60 @@ def _check_data(args):
         print(f"{len(problems)} problem(s) in {args.dataset} ({checked} pair(s) read).")
         return 1
     print(f"{args.dataset}: {checked} pair(s) read, no problems (n_label={args.n_label}).")
+    return 0
+
+
+def _check_medical(args):
+    """check-data on a Decathlon / nnU-Net folder: every case read once."""
+    from attunet_keras import data
+
+    folder = data.medical.describe(args.dataset) if args.n_label is not None else None
+    if folder is not None and folder.n_label != args.n_label:
+        raise ValueError(f"--n-label {args.n_label} but {args.dataset}/dataset.json has "
+                         f"labels {', '.join(folder.label_names)} (n_label "
+                         f"{folder.n_label}); leave --n-label out for these folders.")
+    checked, problems, notes = data.medical.problems(args.dataset)
+    for note in notes:
+        print(f"note: {note}")
+    for problem in problems:
+        print(problem)
+    if problems:
+        print(f"{len(problems)} problem(s) in {args.dataset} ({checked} case(s) listed).")
+        return 1
+    folder = data.medical.describe(args.dataset)
+    print(f"{args.dataset}: {checked} case(s) read, no problems ({folder.layout} layout, "
+          f"channels {', '.join(folder.channels)}, labels {', '.join(folder.label_names)}).")
+    return 0
+
+
+def _plan(args):
+    """plan: reads a Decathlon / nnU-Net folder's headers and voxels once; writes and
+    explains plan.json."""
+    from attunet_keras.data import medical
+    from attunet_keras.data import planning
+
+    if not os.path.isdir(args.dataset) or medical.layout(args.dataset) is None:
+        raise ValueError(f"{args.dataset} is not a Decathlon or nnU-Net v2 folder "
+                         "(dataset.json beside imagesTr/ and labelsTr/).")
+    output = args.output or os.path.join(args.dataset, planning.PLAN_FILE)
+    if os.path.exists(output) and not args.overwrite:
+        raise FileExistsError(f"{output} already exists; pass --overwrite to plan again.")
+    if args.memory_gb is not None and args.memory_gb <= 0:
+        raise ValueError(f"--memory-gb {args.memory_gb} must be positive.")
+    folder = medical.describe(args.dataset)
+    checked, problems, _ = medical.problems(args.dataset)
+    if problems:
+        raise ValueError(f"{args.dataset}: {len(problems)} problem(s) (attunet-keras "
+                         f"check-data {args.dataset} lists them all):\n" + problems[0])
+    plan = planning.make_plan(args.dataset, spacing=args.spacing,
+                              normalization=args.normalization, memory_gb=args.memory_gb,
+                              batch_size=args.batch_size, depth=args.depth,
+                              features=args.features)
+    planning.write_plan(plan, output)
+    for line in planning.describe_plan(plan):
+        print(line)
+    print(f"Wrote {output} ({folder.layout} layout, {checked} cases); train with "
+          f"--plan {output}")
     return 0
 
 
@@ -682,6 +788,7 @@ def _convert(args):
 
 
 _COMMANDS = {
+    "plan": _plan,
     "summary": _summary, "plot": _plot, "export": _export, "train": _train,
     "evaluate": _evaluate, "predict": _predict, "attention": _attention,
     "check-data": _check_data, "convert": _convert, "cross-validate": _cross_validate,

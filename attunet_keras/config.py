@@ -24,8 +24,9 @@ class TrainConfig:
     """The settings of a training run (every `attunet-keras train` option).
 
     Args:
-        dataset: str. `"nuclei"`, `"brain"`, `"brain3d"` or a folder with `images/`
-            and `masks/` (2D images or NIfTI volumes).
+        dataset: str. `"nuclei"`, `"brain"`, `"brain3d"`, a folder with `images/`
+            and `masks/` (2D images or NIfTI volumes), or a Decathlon / nnU-Net v2
+            folder (`dataset.json`, `imagesTr/`, `labelsTr/`: `data.medical`).
         output: str. The run folder.
         epochs: int. Epochs to train.
         steps_per_epoch: int or None. Batches per epoch; `None`: the training images'
@@ -58,6 +59,14 @@ class TrainConfig:
         val_files: list of str or None. The held-out files of a folder dataset; drawn
             with `seed` when the run starts and recorded, so a resumed run and
             `evaluate` use the same files.
+        spacing: str or None. Decathlon / nnU-Net folders: `auto` (nnU-Net's target
+            spacing), `none` (voxels as stored) or `X,Y,Z` in mm; None: `auto`.
+        normalization: str or None. Decathlon / nnU-Net folders: a
+            `data.planning.SCHEMES` name for every channel, or one per channel
+            (comma-separated); None: from each channel's modality (CT -> ct,
+            others -> zscore).
+        plan: str or None. A `plan.json` of `attunet-keras plan`; None: planned when
+            the run starts and recorded in the run folder.
         data_format: str. Layout of the model and the batches.
         n_label: int or None. Classes of a folder dataset (1: binary).
         backup_every: int. Steps between backups (`recorder.RunRecorder`).
@@ -98,6 +107,9 @@ class TrainConfig:
     splits: str = None
     val_batches: int = data_lib.VAL_BATCHES
     val_files: list = None
+    spacing: str = None
+    normalization: str = None
+    plan: str = None
     data_format: str = "channels_last"
     n_label: int = None
     backup_every: int = 5
@@ -202,7 +214,9 @@ class TrainConfig:
                 f"dataset={self.dataset!r} is neither a built-in dataset "
                 f"{data_lib.BUILTIN} nor an existing folder with images/ and masks/."
             )
-        if self.dataset not in data_lib.BUILTIN and self.n_label is None:
+        medical = self.is_medical()
+        self._validate_medical(medical)
+        if self.dataset not in data_lib.BUILTIN and self.n_label is None and not medical:
             raise ValueError(
                 f"dataset={self.dataset!r} is a folder; give n_label (1 for binary "
                 "masks, else the number of classes with background)."
@@ -228,6 +242,35 @@ class TrainConfig:
             raise ValueError(
                 f"cache is for folder datasets; the built-in {self.dataset!r} is decoded "
                 "once and held in memory already.")
+
+    def is_medical(self):
+        """True for a Decathlon or nnU-Net v2 folder."""
+        return (self.dataset not in data_lib.BUILTIN and os.path.isdir(self.dataset)
+                and data_lib.medical.layout(self.dataset) is not None)
+
+    def _validate_medical(self, medical):
+        given = [name for name in ("spacing", "normalization", "plan")
+                 if getattr(self, name) is not None]
+        if not medical:
+            if given:
+                raise ValueError(f"{given[0]} applies to Decathlon and nnU-Net folders "
+                                 "(dataset.json, imagesTr/, labelsTr/); "
+                                 f"{self.dataset!r} is not one.")
+            return
+        data_lib.planning.parse_spacing(self.spacing)
+        if self.normalization is not None:
+            unknown = [part for part in self.normalization.split(",")
+                       if part.strip() not in data_lib.planning.SCHEMES]
+            if unknown:
+                raise ValueError(f"normalization={self.normalization!r} is not allowed; "
+                                 f"expected one of {data_lib.planning.SCHEMES}, or one per "
+                                 "channel separated by commas.")
+        if self.plan is not None:
+            if not os.path.isfile(self.plan):
+                raise ValueError(f"plan={self.plan!r}: no such plan.json.")
+            if self.spacing is not None or self.normalization is not None:
+                raise ValueError("a plan fixes the spacing and the normalization; give "
+                                 "--plan or those options, not both.")
 
     def _validate_folds(self, default_fraction):
         if self.folds is None:
@@ -261,6 +304,8 @@ class TrainConfig:
             values["init_from"] = os.path.abspath(self.init_from)
         if self.cache is not None:
             values["cache"] = os.path.abspath(self.cache)
+        if self.plan is not None:
+            values["plan"] = os.path.abspath(self.plan)
         if self.folds is not None:
             from attunet_keras import folds
 
@@ -268,8 +313,32 @@ class TrainConfig:
         return values
 
 
+def run_plan(config, say=None):
+    """The plan of a Decathlon / nnU-Net run: the one recorded in its run folder, the
+    `plan` file given, or planned now from the folder and the run's settings."""
+    from attunet_keras.data import planning
+
+    recorded = os.path.join(config.output, planning.PLAN_FILE)
+    if os.path.isfile(recorded):
+        return planning.read_plan(recorded)
+    if config.plan is not None:
+        return planning.read_plan(config.plan)
+    return planning.make_plan(config.dataset, spacing=config.spacing or "auto",
+                              normalization=config.normalization,
+                              batch_size=config.batch_size, depth=config.depth,
+                              features=config.features, say=say)
+
+
 def load_data(config):
     """The dataset of a run, split as in training (a folder's recorded held-out files)."""
+    if config.is_medical():
+        plan = run_plan(config)
+        dataset = data_lib.medical_folder(
+            config.dataset, plan, tile=config.tile, val_fraction=config.val_fraction,
+            seed=config.seed, val_files=config.val_files, cache=config.cache,
+            n_label=config.n_label)
+        dataset.plan = plan
+        return dataset
     if config.dataset == "nuclei":
         return data_lib.nuclei(tile=config.tile or data_lib.DEFAULT_TILE[2])
     if config.dataset == "brain":

@@ -109,6 +109,11 @@ def evaluate_model(model, dataset, config, overlap=EVALUATE_OVERLAP,
 
         probabilities = (model.average(predict) if isinstance(model, inference.Ensemble)
                          else predict(model))
+        item = dataset.items[index]
+        spacing = item.spacing
+        if item.restore is not None:  # a resampled case: scored on its own grid
+            probabilities = item.restore(probabilities)
+            mask, spacing = item.truth()
         labels = inference.labels_from_probabilities(probabilities)
         candidates = postprocess.candidates(labels, mask, dataset.n_label, case_dice)
         if postprocessing:
@@ -117,11 +122,10 @@ def evaluate_model(model, dataset, config, overlap=EVALUATE_OVERLAP,
         truth = data_lib.targets(mask, dataset.n_label)[None]
         for metric in metrics:
             metric.update_state(truth, probabilities[None])
-        item = dataset.items[index]
-        distances.add(labels, mask, item.spacing)
-        cases.append({"case": item.name, "spacing": item.spacing and list(item.spacing),
+        distances.add(labels, mask, spacing)
+        cases.append({"case": item.name, "spacing": spacing and list(spacing),
                       "classes": case_scores(labels, mask, dataset.n_label,
-                                             dataset.class_names, item.spacing,
+                                             dataset.class_names, spacing,
                                              nsd_tolerance),
                       "postprocessing_candidates": {
                           kind: {str(label): value for label, value in values.items()}
@@ -150,12 +154,18 @@ OTSU_BINS = 256
 def otsu_scores(dataset):
     """Dice, IoU and HD95 of Otsu thresholds of the held-out images' intensities.
 
-    The thresholds come from the histogram of every held-out pixel (images are
-    normalised to [0, 1]), read one image at a time.
+    The thresholds come from the histogram of every held-out pixel (of the images'
+    channel mean, over [0, 1] where the images are normalised to it, else over their
+    range), read one image at a time. Resampled medical cases are thresholded on the
+    model's grid and scored on their own, as the model is.
     """
     from skimage import filters
 
-    edges = np.linspace(0.0, 1.0, OTSU_BINS + 1)
+    low, high = 0.0, 1.0
+    for _, image, _ in dataset.examples:
+        means = image.mean(axis=-1)
+        low, high = min(low, float(means.min())), max(high, float(means.max()))
+    edges = np.linspace(low, high, OTSU_BINS + 1)
     counts = np.zeros(OTSU_BINS, "int64")
     for _, image, _ in dataset.examples:
         counts += np.histogram(image.mean(axis=-1), bins=edges)[0]
@@ -170,10 +180,16 @@ def otsu_scores(dataset):
     for index in dataset.val:
         image, mask = dataset.read(index)
         predicted = np.digitize(image.mean(axis=-1), thresholds)
+        item = dataset.items[index]
+        spacing = item.spacing
+        if item.restore is not None:
+            predicted = inference.labels_from_probabilities(
+                item.restore(data_lib.targets(predicted, dataset.n_label)))
+            mask, spacing = item.truth()
         for metric in metrics:
             metric.update_state(data_lib.targets(mask, dataset.n_label)[None],
                                 data_lib.targets(predicted, dataset.n_label)[None])
-        distances.add(predicted, mask, dataset.items[index].spacing)
+        distances.add(predicted, mask, spacing)
     scores = {metric.name: float(metric.result()) for metric in metrics}
     scores.update(distances.result())
     return scores

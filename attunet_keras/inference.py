@@ -492,8 +492,6 @@ def predict_nifti(model, path, output, patch_size, *, overlap=0.5, tta=False,
     Returns:
         The labels, `(X, Y, Z)`.
     """
-    import nibabel
-
     array, _, _ = data_lib.read_volume(path)
     image = array[..., None] if array.ndim == 3 else array
     first = model.model if isinstance(model, Ensemble) else model
@@ -512,7 +510,86 @@ def predict_nifti(model, path, output, patch_size, *, overlap=0.5, tta=False,
         from attunet_keras import postprocess
 
         labels = postprocess.apply(labels, postprocessing, output_channels(first))
-    source = nibabel.load(path)
+    write_nifti_labels(labels, path, output)
+    return labels
+
+
+def medical_cases(path, plan):
+    """The cases to predict in `path` (a folder like `imagesTs/`, or one file) for a run
+    planned on a Decathlon / nnU-Net folder: nnU-Net's `CASE_XXXX` channel files
+    grouped into cases when every file is one, else one (4D) file per case."""
+    from attunet_keras.data import medical
+
+    channels = len(plan["channels"])
+    if os.path.isdir(path):
+        folder, names = path, medical._visible(os.listdir(path))
+    elif os.path.isfile(path):
+        folder, names = os.path.dirname(path) or ".", [os.path.basename(path)]
+    else:
+        raise FileNotFoundError(f"{path}: no such file or folder.")
+    names = [name for name in names if medical._ending(name) in medical.FILE_ENDINGS]
+    if not names:
+        raise ValueError(f"{path} holds no {', '.join(medical.FILE_ENDINGS)} cases.")
+    ending = medical._ending(names[0])
+    stems = [name[:-len(ending)] for name in names]
+    if all(medical.CHANNEL_SUFFIX.match(stem) for stem in stems) and (
+            channels > 1 or plan["layout"] == "nnunet"):
+        wanted = {medical.CHANNEL_SUFFIX.match(stem)["case"] for stem in stems}
+        return [case for case in medical.test_cases_of(folder, ending, channels)
+                if case.name in wanted]
+    return [medical.Case(stem, (os.path.join(folder, name),))
+            for stem, name in zip(stems, names)]
+
+
+def predict_medical_case(model, case, plan, output, patch_size, *, overlap=0.5, tta=False,
+                         threshold=0.5, batch_size=2, postprocessing=None):
+    """Segments one case of a planned run and writes its labels on the case's own grid.
+
+    The case's channels are normalised and resampled as the plan says
+    (`data.planning.prepare_case`), predicted by sliding windows, the probabilities
+    resampled back onto the case's grid (linear, as nnU-Net exports), and the labels
+    written with the case's affine and header (NIfTI) or as a PNG (2D cases).
+
+    Returns:
+        The labels on the case's own grid.
+    """
+    from attunet_keras.data import medical
+    from attunet_keras.data import planning
+
+    image, _, geometry = medical.read_case(case, with_label=False)
+    if image.shape[-1] != len(plan["channels"]):
+        raise ValueError(f"{case.images[0]}: {image.shape[-1]} channel(s), but the run "
+                         f"was trained on {len(plan['channels'])} ({', '.join(plan['channels'])}).")
+    prepared, _, _ = planning.prepare_case(image, None, geometry, plan)
+
+    def predict(member):
+        return predict_sliding_window(member, prepared, patch_size, overlap=overlap,
+                                      tta=tta, batch_size=batch_size, normalized=True)
+
+    first = model.model if isinstance(model, Ensemble) else model
+    probabilities = model.average(predict) if isinstance(model, Ensemble) else predict(model)
+    probabilities = planning.restore_probabilities(probabilities, geometry, plan)
+    labels = labels_from_probabilities(probabilities, threshold)
+    if postprocessing:
+        from attunet_keras import postprocess
+
+        labels = postprocess.apply(labels, postprocessing, output_channels(first))
+    if data_lib.is_volume_file(geometry.reference):
+        write_nifti_labels(labels, geometry.reference, output)
+    else:  # a 2D case: its label values as a PNG (8-bit, 16-bit above 256 classes)
+        from PIL import Image
+
+        with runs.atomic_path(output, suffix=".png") as temporary:
+            Image.fromarray(labels).save(temporary, format="PNG")
+    return labels
+
+
+def write_nifti_labels(labels, reference, output):
+    """`labels` as a NIfTI file with the affine and a copy of the header of
+    `reference` (data type the labels', no scaling), whole or absent."""
+    import nibabel
+
+    source = nibabel.load(reference)
     header = source.header.copy()
     header.set_data_dtype(labels.dtype)
     written = type(source)(labels, source.affine, header)
@@ -520,7 +597,6 @@ def predict_nifti(model, path, output, patch_size, *, overlap=0.5, tta=False,
     extension = data_lib.files.split_name(os.path.basename(output))[1]
     with runs.atomic_path(output, suffix=extension) as temporary:  # nibabel reads the suffix
         nibabel.save(written, temporary)
-    return labels
 
 
 # The share of the available memory an ensemble's models may hold at once; above it

@@ -206,6 +206,7 @@ def _train_locked(config, output, overwrite, verbose):
     jit_compile = distribute.resolve_jit_compile(config.jit_compile, strategy)
     commit_splits(config)
     run_folder.start_output(config, output, overwrite, resuming)
+    record_plan(dataset, output)
     # A keras.distribution (JAX) must be active while the model is fitted too.
     active = (strategy.scope() if isinstance(strategy, distribute.KerasDistribution)
               else contextlib.nullcontext())
@@ -231,6 +232,17 @@ def run_dataset(config, output, resuming):
         _, val_files = fold_split(config)
         config = dataclasses.replace(config, val_files=val_files)
     dataset = load_data(config)
+    plan = getattr(dataset, "plan", None)
+    if plan is not None:
+        if config.dims is not None and config.dims != dataset.dims:
+            raise ValueError(f"dims={config.dims} but {config.dataset} holds "
+                             f"{dataset.dims}D cases.")
+        odd = [side for side in dataset.tile_shape if side % 2**config.depth]
+        if odd:
+            raise ValueError(
+                f"the patch {'x'.join(map(str, dataset.tile_shape))} (of the plan, or "
+                f"--tile) is not divisible by 2**depth={2**config.depth}; train with "
+                f"--depth {plan['depth']} (the plan's) or give --tile.")
     if dataset.dims == 3 and config.backbone is not None:
         raise ValueError(f"{config.dataset} holds volumes; backbones are 2D "
                          "keras.applications encoders, so att_unet_3d trains without one.")
@@ -239,13 +251,22 @@ def run_dataset(config, output, resuming):
     return config, dataset
 
 
+def record_plan(dataset, output):
+    """Writes a Decathlon / nnU-Net dataset's plan into the run folder (`plan.json`),
+    which `evaluate`, `predict` and a resumed run read from then on."""
+    plan = getattr(dataset, "plan", None)
+    path = os.path.join(output, data_lib.planning.PLAN_FILE)
+    if plan is not None and not os.path.isfile(path):
+        data_lib.planning.write_plan(plan, path)
+
+
 def fold_split(config):
     """`(splits, held-out files)` of a `--folds` run: the splits written beside the run
     (or at `--splits`), else a new draw that `commit_splits` writes once the run has
     passed its checks."""
     from attunet_keras import folds
 
-    names = [os.path.basename(image) for image, _ in data_lib.find_pairs(config.dataset)]
+    names = data_lib.case_names(config.dataset)
     return folds.fold_split(names, config.folds, config.fold, config.seed,
                             folds.splits_path(config.output, config.splits))
 
