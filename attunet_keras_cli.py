@@ -266,11 +266,13 @@ def build_parser():
                         help="seed of the random check batch (default: 0)")
 
     convert = commands.add_parser(
-        "convert", help="a PyTorch AttU_Net checkpoint as a .keras model, checked",
+        "convert", help="a PyTorch AttU_Net or MONAI AttentionUnet checkpoint as a .keras "
+                        "model, checked",
         description=(
             "Convert a PyTorch AttU_Net checkpoint (LeeJunHyun/Image_Segmentation's "
             "module names; a bare state_dict, {'state_dict': ...} or {'model': ...}, "
-            "'module.' prefixes allowed) into att_unet(..., variant='attu_net'). The "
+            "'module.' prefixes allowed) into att_unet(..., variant='attu_net'), or, with "
+            "--variant monai, a MONAI AttentionUnet one into variant='monai'. The "
             "rank, depth, widths, input channels, classes and up-sampling mode are read "
             "from the checkpoint's tensors (the flags override them), every tensor is "
             "mapped by name, and the result is compared with a PyTorch forward pass of "
@@ -281,8 +283,10 @@ def build_parser():
                          help="the .pt / .pth checkpoint (read with weights_only=True)")
     convert.add_argument("--output", required=True, metavar="FILE.keras",
                          help="the Keras model to write")
-    convert.add_argument("--variant", choices=("attu_net",), default="attu_net",
-                         help="the PyTorch network (default: attu_net)")
+    convert.add_argument("--variant", choices=("attu_net", "monai"), default="attu_net",
+                         help="the PyTorch network: attu_net (LeeJunHyun's AttU_Net) or "
+                              "monai (monai.networks.nets.AttentionUnet, channels doubling "
+                              "from level to level, strides 2) (default: attu_net)")
     convert.add_argument("--data-format", choices=("channels_first", "channels_last"),
                          default="channels_last",
                          help="layout of the Keras model (default: channels_last)")

@@ -724,8 +724,9 @@ def _plan(args):
 
 
 def _convert(args):
-    """convert: a PyTorch AttU_Net checkpoint to a .keras model, checked against a
-    PyTorch forward pass of the same checkpoint when torch is installed."""
+    """convert: a PyTorch AttU_Net or MONAI AttentionUnet checkpoint to a .keras model,
+    checked against a PyTorch forward pass of the same checkpoint when torch (and, for
+    MONAI's, monai) is installed."""
     import numpy as np
 
     from attunet_keras import convert
@@ -733,7 +734,14 @@ def _convert(args):
 
     _check_output(args, (".keras",))
     arrays = convert.read_state_dict(args.from_torch)
-    found = convert.attu_net_options(arrays)
+    monai = args.variant == "monai"
+    if monai and (args.upsampling not in (None, "transpose") or args.second_sigmoid):
+        raise ValueError("--variant monai has transposed up-convolutions and one sigmoid; "
+                         "leave --upsampling and --second-sigmoid out.")
+    found = (convert.monai_options(arrays) if monai
+             else convert.attu_net_options(arrays))
+    if monai:
+        found["upsampling"] = "transpose"
     options = {name: getattr(args, name) if getattr(args, name) is not None else value
                for name, value in found.items() if name != "rank"}
     rank = found["rank"]
@@ -746,9 +754,10 @@ def _convert(args):
                     output_activation=None if activation == "none" else activation,
                     dropout=0, batch_norm=True, upsampling=options["upsampling"],
                     variant=args.variant, second_sigmoid=args.second_sigmoid,
-                    name="attu_net" if rank == 2 else "attu_net_3d")
+                    name=args.variant if rank == 2 else f"{args.variant}_3d")
     convert.load_torch_state_dict(model, arrays)
-    print(f"{args.from_torch}: AttU_Net {rank}D, depth {options['depth']}, features "
+    network = "MONAI AttentionUnet" if monai else "AttU_Net"
+    print(f"{args.from_torch}: {network} {rank}D, depth {options['depth']}, features "
           f"{options['features']}, {options['in_channels']} input channel(s), "
           f"{options['n_label']} output channel(s), upsampling {options['upsampling']}; "
           f"{model.count_params():,} parameters in Keras ({args.data_format}, output "
@@ -757,10 +766,24 @@ def _convert(args):
         import torch
     except ImportError:
         torch = None
-    if torch is not None:
+    net = None
+    if torch is not None and monai:
+        try:
+            from monai.networks.nets import AttentionUnet
+        except ImportError:
+            torch = None
+        else:
+            net = AttentionUnet(
+                spatial_dims=rank, in_channels=options["in_channels"],
+                out_channels=options["n_label"],
+                channels=[options["features"] * 2**level
+                          for level in range(options["depth"] + 1)],
+                strides=[2] * options["depth"])
+    elif torch is not None:
         net = convert.torch_attu_net(rank, options["depth"], options["features"],
                                      options["in_channels"], options["n_label"],
                                      options["upsampling"], args.second_sigmoid)
+    if torch is not None:
         net.load_state_dict({name: torch.from_numpy(array) for name, array in arrays.items()})
         images = np.random.default_rng(0).normal(
             size=(2, options["in_channels"]) + (2 ** options["depth"] * 2,) * rank)
@@ -780,7 +803,8 @@ def _convert(args):
         print(f"Outputs checked against PyTorch on a random batch: largest difference "
               f"{difference:.2g}")
     else:
-        print("PyTorch is not installed: outputs not checked against a PyTorch forward pass")
+        needed = "MONAI" if monai else "PyTorch"
+        print(f"{needed} is not installed: outputs not checked against its forward pass")
     with runs.atomic_path(args.output, suffix=".keras") as temporary:
         model.save(temporary)
     print(f"Wrote {args.output}")

@@ -114,6 +114,8 @@ def load_torch_state_dict(model, state_dict_or_path):
             values = _conv(layer, path, tensors, transposed=True)
         elif isinstance(layer, (keras.layers.Conv2D, keras.layers.Conv3D)):
             values = _conv(layer, path, tensors, transposed=False)
+        elif isinstance(layer, keras.layers.PReLU):  # MONAI's PReLU: one parameter
+            values = _prelu(layer, path, tensors)
         else:
             raise ValueError(f"layer {layer.name!r} ({type(layer).__name__}) has no PyTorch "
                              "counterpart this converter knows.")
@@ -132,6 +134,18 @@ def load_torch_state_dict(model, state_dict_or_path):
     for layer, values in assignments:
         layer.set_weights(values)
     return model
+
+
+def _prelu(layer, path, tensors):
+    if set(tensors) != {"weight"}:
+        raise ValueError(f"{path}: expected a PReLU's weight, found "
+                         f"{sorted(tensors)}.")
+    name, array = tensors["weight"]
+    shape = tuple(layer.weights[0].shape)
+    if array.size != int(np.prod(shape)):
+        raise ValueError(f"{name}: {array.size} PReLU parameter(s), but layer "
+                         f"{layer.name!r} has {int(np.prod(shape))}.")
+    return [array.reshape(shape)]
 
 
 def _module_path(layer_name, modules):
@@ -194,6 +208,34 @@ def attu_net_options(state_dict):
             "in_channels": int(first.shape[1]), "n_label": int(head.shape[0]),
             "upsampling": ("transpose" if f"Up{depth + 1}.up.0.weight" in arrays
                            else "nearest")}
+
+
+def monai_options(state_dict):
+    """The builder options a MONAI `AttentionUnet` checkpoint's tensors imply: `rank`,
+    `depth`, `features`, `in_channels`, `n_label` (`variant="monai"`). Widths other than
+    `features * 2**level` are refused: the builder cannot express them. The strides are
+    not in the tensors: 2 is assumed, and `attunet-keras convert` checks the outputs
+    against MONAI's forward pass when MONAI is installed."""
+    arrays = state_dict
+    first = arrays.get("model.0.conv.0.conv.weight")
+    head = arrays.get("model.2.conv.weight")
+    if first is None or head is None:
+        raise ValueError("not a MONAI AttentionUnet checkpoint: it has no "
+                         "model.0.conv.0.conv.weight or model.2.conv.weight tensor.")
+    features = int(first.shape[0])
+    depth, prefix = 0, "model.1"
+    while f"{prefix}.upconv.up.conv.weight" in arrays:
+        width = int(arrays[f"{prefix}.upconv.up.conv.weight"].shape[0])
+        if width != features * 2 ** (depth + 1):
+            raise ValueError(f"{prefix}.upconv.up.conv.weight: width {width} at level "
+                             f"{depth + 1}, not {features * 2 ** (depth + 1)}; "
+                             "variant='monai' builds channels = features * 2**level only.")
+        depth += 1
+        prefix += ".submodule.1"
+    if depth < 1:
+        raise ValueError("not a MONAI AttentionUnet checkpoint: no model.1.upconv tensors.")
+    return {"rank": first.ndim - 2, "depth": depth, "features": features,
+            "in_channels": int(first.shape[1]), "n_label": int(head.shape[0])}
 
 
 def torch_attu_net(rank, depth, features, in_channels, n_label, upsampling="nearest",

@@ -92,7 +92,10 @@ def att_unet(
             checkpoint (`attunet_keras.convert`). It takes `upsampling="nearest"` or
             `"transpose"` and needs `dropout=0` and `batch_norm=True`;
             `features=64, depth=4, in_channels=3, n_label=1` is the published
-            network (34,878,573 parameters).
+            network (34,878,573 parameters). `"monai"`: MONAI's `AttentionUnet`
+            with `channels = features * 2**level` and strides 2, its layers named
+            after its state_dict's module paths (`model_1_submodule_0_conv_0_conv`);
+            it needs `upsampling="transpose"`, `batch_norm=True`, `dropout=0`.
         second_sigmoid: bool. With `variant="attu_net"`, apply the gate's sigmoid
             twice (a blog version of AttU_Net). Defaults to False.
         name: str. Name of the model. Defaults to `"att_unet"`.
@@ -223,7 +226,7 @@ def check_arguments(rank, sizes, options):
     if variant not in variants.VARIANTS:
         raise ValueError(f"variant={variant!r} is not supported; expected one of "
                          f"{variants.VARIANTS}.")
-    if variant == "attu_net":
+    if variant in ("attu_net", "monai"):
         variants.check_arguments(rank, options)
     elif options.get("second_sigmoid", False) is not False:
         raise ValueError("second_sigmoid is an option of variant='attu_net'.")
@@ -284,10 +287,11 @@ def _build(rank, sizes, options):
     x = inputs
     if None in spatial:
         x = layers_lib.SpatialSizeCheck(2**depth, data_format, name="image_size_check")(x)
-    if options["variant"] == "attu_net":
+    if options["variant"] in ("attu_net", "monai"):
         from attunet_keras import variants
 
-        outputs = variants.build(rank, x, options, data_format, decoder, activate)
+        build = variants.build if options["variant"] == "attu_net" else variants.build_monai
+        outputs = build(rank, x, options, data_format, decoder, activate)
         return keras.Model(inputs, outputs[0], name=options["name"])
     skips = []
     for level in range(1, depth + 1):
