@@ -244,7 +244,11 @@ def build_parser():
         description=(
             "Export the model, reload the export and compare it with Keras on a random "
             "batch. savedmodel: TF Serving's layout OUTPUT/1/ with the signatures "
-            "'probabilities' (= serving_default) and 'mask' (uint8). onnx: an .onnx "
+            "'probabilities' (= serving_default) and 'mask' (uint8), and the end-to-end "
+            "'segment' (raw float32 images; segment_uint8, segment_uint16, "
+            "segment_int16), and 'segment_png' for 2D models: the run's normalisation, "
+            "padding and sliding windows inside the graph, checked against predict "
+            "(docs/deployment.md). onnx: an .onnx "
             "file (needs tf2onnx; checked with onnxruntime when installed). litert: a "
             ".tflite file, float32 or --quantize int8 (calibrated on the training "
             "tiles of --run). Every export is written beside OUTPUT and renamed into "
@@ -264,6 +268,18 @@ def build_parser():
                         help="replace OUTPUT when it exists")
     export.add_argument("--seed", type=int, default=0,
                         help="seed of the random check batch (default: 0)")
+    raw = export.add_argument_group("the segment signatures (savedmodel)")
+    raw.add_argument("--normalization", default=None, metavar="SCHEME[,SCHEME...]",
+                     help=f"what segment applies to raw images, one for every channel or "
+                          f"one per channel: {', '.join(n for n in NORMALIZATIONS if n != 'ct')} "
+                          "(default: the run's; a model without --run gets no segment "
+                          "signature unless this is given)")
+    raw.add_argument("--patch", type=_positive_int, default=None, metavar="N",
+                     help="segment runs images with a side longer than N by sliding "
+                          "windows of N (default: the run's patch, the model's own size; "
+                          "a model of free sizes without it runs every image whole)")
+    raw.add_argument("--no-segment", action="store_true",
+                     help="leave the segment signatures out (a faster export)")
 
     convert = commands.add_parser(
         "convert", help="a PyTorch AttU_Net or MONAI AttentionUnet checkpoint as a .keras "

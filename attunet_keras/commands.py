@@ -143,12 +143,14 @@ def _export(args):
         from attunet_keras import training
 
         representative = training.calibration_patches(args.run, seed=args.seed)
+    rules, patch = _segment_settings(args, model)
     max_diff = export.export_model(
         model, args.output, format=args.format, quantize=args.quantize,
         representative=representative, sample=sample, threshold=args.threshold,
-        overwrite=args.overwrite,
+        overwrite=args.overwrite, normalization=rules, patch=patch,
     )
-    what = {"savedmodel": "SavedModel (signatures probabilities, mask)",
+    what = {"savedmodel": "SavedModel (signatures probabilities, mask"
+                          + (", segment" if rules else "") + ")",
             "onnx": "ONNX model", "litert": "LiteRT model"}[args.format]
     if args.format == "litert":
         shape = (1,) + tuple(model.inputs[0].shape[1:])
@@ -168,10 +170,54 @@ def _export(args):
     if max_diff is not None:
         print(f"Reloaded and checked on a batch of {sample.shape}: "
               f"max |export - keras| = {max_diff:.3g}")
+    if rules:
+        sizes = ", ".join("x".join(map(str, size)) for size in export.segment_sizes(
+            patch, 3 if inference.is_volume_model(model) else 2))
+        print(f"segment: raw images (batch, *size, {inference.input_channels(model)}), "
+              f"normalisation {', '.join(rule['scheme'] for rule in rules)}, "
+              + (f"sliding windows of {'x'.join(map(str, patch))}"
+                 + (" (volumes always)" if len(patch) == 3 else " above it")
+                 if patch else "every image whole")
+              + f"; checked against predict at {sizes} (within 1e-4)")
+    elif args.format == "savedmodel" and not args.no_segment:
+        print("No segment signature: a model without --run needs --normalization (what "
+              "segment applies to raw images).")
     elif args.quantize:
         print("int8 outputs differ from float32 by design; benchmarks/deploy.py "
               "measures the Dice it keeps.")
     return 0
+
+
+def _segment_settings(args, model):
+    """`(normalisation rules, patch)` of export's segment signatures, or `(None, None)`
+    (other formats, --no-segment, a model without a run or --normalization)."""
+    from attunet_keras import inference
+    from attunet_keras import serving
+
+    given = args.normalization is not None or args.patch is not None
+    if args.format != "savedmodel" or args.no_segment:
+        if given:
+            raise ValueError("--normalization and --patch set the segment signatures of "
+                             "--format savedmodel; leave them out here.")
+        return None, None
+    if inference.needs_static_sizes(model):
+        return None, None
+    if not args.run and args.normalization is None:
+        return None, None
+    channels = inference.input_channels(model)
+    rules = serving.normalization_rules(args.run, args.normalization, channels)
+    try:
+        serving.check_rules(rules)
+    except ValueError as error:  # a step with no TensorFlow op: stays with the client
+        print(f"No segment signature: {error}")
+        return None, None
+    rank = 3 if inference.is_volume_model(model) else 2
+    patch = ((args.patch,) * rank if args.patch else inference.own_size(model))
+    if patch is not None:
+        patch = inference.check_patch_size(inference.fully_convolutional(model), patch, rank)
+    elif rank == 3:
+        raise ValueError("a 3D model's segment runs sliding windows: give --patch N.")
+    return rules, patch
 
 
 def _train_config(args):

@@ -229,8 +229,12 @@ def _mask_rule(model):
     return "argmax" if channels > 1 else "logit_threshold"
 
 
-def serving_module(model, threshold=0.5):
-    """A `tf.Module` with the `probabilities` and `mask` functions of `export_serving`."""
+RAW_DTYPES = ("float32", "uint8", "uint16", "int16")
+
+
+def serving_module(model, threshold=0.5, segment=None):
+    """A `tf.Module` with the `probabilities` and `mask` functions of `export_serving`,
+    and `segment` (raw images, `serving.segment_function`) when given."""
     import tensorflow as tf
 
     data_format = inference.model_data_format(model)
@@ -245,12 +249,9 @@ def serving_module(model, threshold=0.5):
     rule = _mask_rule(model)
 
     class Serving(tf.Module):
-        """Tracks the model's variables, not its layers: saving a Keras layer tree as
-        SavedModel objects took 30 of an EfficientNetB0 export's 40 s (2 cores)."""
-
-        def __init__(self):
-            super().__init__()
-            self.model_variables = list(model.variables)
+        """Holds no Keras layers (saving a Keras layer tree as SavedModel objects took
+        30 of an EfficientNetB0 export's 40 s on 2 cores): `export_serving` tracks the
+        TensorFlow variables its signatures read instead."""
 
         def _checked(self, images):
             images = tf.convert_to_tensor(images, tf.float32)
@@ -292,26 +293,87 @@ def serving_module(model, threshold=0.5):
                 labels = prediction > 0.0
             return {"mask": tf.cast(labels, tf.uint8)}
 
-    return Serving()
+    module = Serving()
+    if segment is not None:
+        _add_segment(module, segment, rank, channels, model)
+    return module
+
+
+def _add_segment(module, segment, rank, channels, model):
+    """`segment_<dtype>` for every raw dtype, and `segment_png` for 2D models."""
+    import tensorflow as tf
+
+    n_label = inference.output_channels(model)
+    shape = [None] * (rank - 1) + [channels]
+    # One trace of the graph: every raw dtype casts and calls the float32 function.
+    module.segment_float32 = tf.function(
+        segment, input_signature=[tf.TensorSpec(shape, tf.float32, name="images")])
+    for dtype in RAW_DTYPES[1:]:
+        setattr(module, f"segment_{dtype}", tf.function(
+            lambda images: module.segment_float32(tf.cast(images, tf.float32)),
+            input_signature=[tf.TensorSpec(shape, dtype, name="images")]))
+    if rank != 4:
+        return
+
+    def one_png(contents):
+        depth = tf.io.decode_raw(tf.strings.substr(contents, 24, 1), tf.uint8)[0]
+        image = tf.cond(
+            tf.equal(depth, 16),
+            lambda: tf.cast(tf.io.decode_png(contents, channels=channels,
+                                             dtype=tf.uint16), tf.float32),
+            lambda: tf.cast(tf.io.decode_png(contents, channels=channels), tf.float32))
+        mask = module.segment_float32(image[None])["mask"][0]
+        if n_label == 1:
+            mask = mask * 255  # as `predict` writes a binary mask: 0/255
+        return tf.io.encode_png(mask)
+
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="image_bytes")])
+    def segment_png(image_bytes):
+        return {"mask_bytes": tf.map_fn(one_png, image_bytes,
+                                        fn_output_signature=tf.string)}
+
+    module.segment_png = segment_png
 
 
 def export_serving(model, path, *, sample=None, threshold=0.5, overwrite=False,
-                   atol=1e-5):
-    """Exports `model` for TF Serving: `path/1/` with `probabilities` and `mask`.
+                   atol=1e-5, segment=None):
+    """Exports `model` for TF Serving: `path/1/` with `probabilities` and `mask`, and
+    with `segment` (`(callable, check)` of `segment_signatures`) the end-to-end
+    signatures `segment` (float32), `segment_uint8`, `segment_uint16`,
+    `segment_int16` and, for 2D models, `segment_png`; `check(reloaded)` compares the
+    reloaded signatures with the library's prediction before the export is renamed
+    into place.
 
     Returns:
         The largest |probabilities(sample) - predict(sample)| (None without a sample).
     """
     import tensorflow as tf
 
-    module = serving_module(model, threshold)
+    module = serving_module(model, threshold, segment and segment[0])
+    signatures = {
+        "serving_default": module.probabilities.get_concrete_function(),
+        "probabilities": module.probabilities.get_concrete_function(),
+        "mask": module.mask.get_concrete_function(),
+    }
+    if segment is not None:
+        for dtype in RAW_DTYPES:
+            name = "segment" if dtype == "float32" else f"segment_{dtype}"
+            signatures[name] = getattr(module, f"segment_{dtype}").get_concrete_function()
+        if hasattr(module, "segment_png"):
+            signatures["segment_png"] = module.segment_png.get_concrete_function()
+    # The tf.Variables under the Keras variables the signatures read, as Keras's own
+    # ExportArchive tracks them: TensorFlow 1 loaders (TF Serving, saved_model_cli)
+    # find a function's variables only then.
+    used = {}
+    for function in signatures.values():
+        for variable in function.variables:
+            used[id(variable)] = variable
+    module.signature_variables = list(used.values())
     with _staged(path, overwrite) as staging:
         version = os.path.join(staging, SERVING_VERSION)
-        tf.saved_model.save(module, version, signatures={
-            "serving_default": module.probabilities.get_concrete_function(),
-            "probabilities": module.probabilities.get_concrete_function(),
-            "mask": module.mask.get_concrete_function(),
-        })
+        tf.saved_model.save(module, version, signatures=signatures)
+        if segment is not None:
+            segment[1](tf.saved_model.load(version))
         max_diff = None
         if sample is not None:
             reloaded = tf.saved_model.load(version)
@@ -470,11 +532,16 @@ def litert_predict(path_or_interpreter, images):
 
 
 def export_model(model, path, *, format="savedmodel", quantize=None, representative=None,
-                 sample=None, threshold=0.5, overwrite=False):
+                 sample=None, threshold=0.5, overwrite=False, normalization=None,
+                 patch=None):
     """Exports in one of `FORMATS` (SavedModel = TF Serving's layout); see the module.
 
     SavedModel and ONNX get `inference.serving_model(model)` (any batch and size, main
-    output); LiteRT gets the main output at the model's own, static size.
+    output); LiteRT gets the main output at the model's own, static size. With
+    `normalization` (the per-channel rules of `serving.normalization_rules`) the
+    SavedModel also gets the end-to-end `segment` signatures (raw images in; sliding
+    windows of `patch` above it, `None`: every image whole), checked against
+    `serving.reference_segment` at `SEGMENT_CHECK_SIZES`.
     """
     if format not in FORMATS:
         raise ValueError(f"format={format!r} is not supported; expected one of {FORMATS}.")
@@ -485,14 +552,64 @@ def export_model(model, path, *, format="savedmodel", quantize=None, representat
         )
     check_target(path, format, overwrite)
     if format == "savedmodel":
-        return export_serving(inference.serving_model(model), path, sample=sample,
-                              threshold=threshold, overwrite=overwrite)
+        served = inference.serving_model(model)
+        segment = None
+        if normalization is not None and not inference.needs_static_sizes(model):
+            segment = segment_signatures(model, normalization, patch, threshold,
+                                         runner=served)
+        return export_serving(served, path, sample=sample, threshold=threshold,
+                              overwrite=overwrite, segment=segment)
     if format == "onnx":
         return export_onnx(inference.serving_model(model), path, sample=sample,
                            overwrite=overwrite)
     return export_litert(main_output_model(model), path, quantize=quantize,
                          representative=representative, sample=sample,
                          overwrite=overwrite)
+
+
+def segment_sizes(patch, rank):
+    """The sizes the export checks `segment` at: an odd size (97x131), the patch,
+    3x the patch along the first axis, 1x1 and 1xN (the patch's first side)."""
+    patch = tuple(patch) if patch is not None else (32,) * rank
+    odd = (97, 131) if rank == 2 else (13, 17, 19)
+    return [odd, patch, (3 * patch[0],) + patch[1:], (1,) * rank,
+            (1,) * (rank - 1) + (patch[0] + 5,)]
+
+
+def segment_signatures(model, normalization, patch=None, threshold=0.5, overlap=0.5,
+                       runner=None):
+    """`(segment callable, check)` for `export_serving`: the graph of
+    `serving.segment_function`, and a check of the reloaded export against the
+    library's prediction (`serving.reference_segment`) on random raw images at
+    `segment_sizes`: probabilities within 1e-4, masks equal but for ties."""
+    from attunet_keras import serving
+
+    serving.check_rules(normalization)
+    rank = 3 if inference.is_volume_model(model) else 2
+    if patch is None and rank == 3:
+        raise ValueError("a 3D model's segment runs sliding windows: give the patch.")
+    big = patch if patch is not None else (10**6,) * rank
+    function = serving.segment_function(model, normalization, big, overlap, threshold,
+                                        runner=runner)
+    channels = inference.input_channels(model)
+
+    def check(reloaded):
+        import tensorflow as tf
+
+        rng = np.random.default_rng(0)
+        for size in segment_sizes(patch, rank):
+            raw = (rng.random((1,) + tuple(size) + (channels,)) * 1000).astype("float32")
+            served = reloaded.signatures["segment"](images=tf.constant(raw))
+            expected = serving.reference_segment(model, raw[0], normalization, patch,
+                                                 overlap)
+            difference = float(np.max(np.abs(served["probabilities"].numpy()[0]
+                                              - expected)))
+            if not difference <= 1e-4:
+                raise AssertionError(
+                    f"the segment signature differs from attunet-keras predict by "
+                    f"{difference:.3g} on a {'x'.join(map(str, size))} image (more than "
+                    "1e-4); nothing written.")
+    return function, check
 
 
 def check_backend(format):

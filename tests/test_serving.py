@@ -1,5 +1,7 @@
-"""Exported models take any batch and image size; deep supervision exports the main output."""
+"""Exported models take any batch and image size; deep supervision exports the main
+output; the end-to-end `segment` signatures take raw pixels and equal `predict`."""
 
+import io
 import os
 
 import numpy as np
@@ -181,3 +183,116 @@ def test_what_a_killed_export_leaves_is_cleaned_up_by_the_next(tmp_path):
     assert not target.exists()
     export.export_model(models.att_unet(64, 64, 1, depth=2, features=4), target)
     assert os.listdir(tmp_path) == ["saved"]
+
+
+def _raw_demo_image():
+    """The demo image's raw pixels (uint16, 0..235), as the TIFF stores them."""
+    return data.read_image(data.package_file(
+        "stardist", os.path.join("data", "images", "img2d.tif")))
+
+
+# sizes the issue names: odd, the run's patch (64), 3x the patch, 1x1 and 1xN
+SEGMENT_CROPS = {"97x131": (slice(40, 137), slice(60, 191)), "64x64": (slice(0, 64),) * 2,
+                 "192x64": (slice(100, 292), slice(300, 364)),
+                 "1x1": (slice(5, 6), slice(7, 8)), "1x69": (slice(9, 10), slice(0, 69))}
+
+
+def test_segment_takes_raw_pixels_and_equals_predict(demo_export, tmp_path):
+    """The end-to-end signature on the raw uint16 pixels against `attunet-keras
+    predict` on the same pixels written as a TIFF file (its masks) and the library
+    function predict calls (its probabilities)."""
+    import tifffile
+
+    run, served = demo_export
+    raw = _raw_demo_image()
+    model = inference.fully_convolutional(inference.load_model(run / "best.keras"))
+    for name, crop in SEGMENT_CROPS.items():
+        pixels = np.ascontiguousarray(raw[crop])
+        out = served.signatures["segment_uint16"](images=tf.constant(pixels[None, ..., None]))
+        probabilities = out["probabilities"].numpy()[0]
+        expected = inference.predict_image(model, pixels, patch_size=64)
+        assert probabilities.shape == pixels.shape + (1,), name
+        np.testing.assert_allclose(probabilities, expected, atol=1e-4, err_msg=name)
+        folder = tmp_path / name
+        folder.mkdir()
+        tifffile.imwrite(folder / f"{name}.tif", pixels)
+        assert cli.main(["predict", str(folder / f"{name}.tif"), "--run", str(run),
+                         "--output", str(tmp_path / f"out_{name}"), "--patch", "64"]) == 0
+        written = data.read_image(str(tmp_path / f"out_{name}" / f"{name}_mask.png"), mask=True)
+        mask = out["mask"].numpy()[0, ..., 0]
+        assert mask.dtype == np.uint8
+        ties = np.abs(probabilities[..., 0] - 0.5) < 1e-4
+        np.testing.assert_array_equal((mask * 255)[~ties], written[~ties], err_msg=name)
+    # the same pixels as float32 and as int16 give the same probabilities
+    pixels = raw[SEGMENT_CROPS["97x131"]][None, ..., None]
+    by_dtype = [served.signatures[signature](images=tf.constant(pixels.astype(dtype)))
+                ["probabilities"].numpy() for signature, dtype in
+                (("segment", "float32"), ("segment_int16", "int16"),
+                 ("segment_uint8", "uint8"))]
+    np.testing.assert_allclose(by_dtype[0], by_dtype[1], atol=1e-6)
+    np.testing.assert_allclose(by_dtype[0], by_dtype[2], atol=1e-6)  # values <= 235
+
+
+def test_segment_png_takes_and_returns_png_bytes_as_tf_serving_sends_them(demo_export,
+                                                                         tmp_path):
+    from PIL import Image
+
+    run, served = demo_export
+    signature = served.signatures["segment_png"]
+    assert set(signature.structured_input_signature[1]) == {"image_bytes"}
+    assert set(signature.structured_outputs) == {"mask_bytes"}
+    pixels = _raw_demo_image()[SEGMENT_CROPS["97x131"]]
+    encoded = []
+    for bits, array in ((8, pixels.astype("uint8")), (16, (pixels * 250).astype("uint16"))):
+        path = tmp_path / f"crop{bits}.png"
+        Image.fromarray(array).save(path)
+        assert Image.open(path).mode == ("L" if bits == 8 else "I;16")
+        encoded.append(path.read_bytes())
+    masks = signature(image_bytes=tf.constant(encoded))["mask_bytes"].numpy()
+    assert len(masks) == 2
+    for bits, png in zip((8, 16), masks):
+        assert cli.main(["predict", str(tmp_path / f"crop{bits}.png"), "--run", str(run),
+                         "--output", str(tmp_path / f"out{bits}"), "--patch", "64"]) == 0
+        written = np.asarray(Image.open(tmp_path / f"out{bits}" / f"crop{bits}_mask.png"))
+        served_mask = np.asarray(Image.open(io.BytesIO(png)))
+        assert served_mask.shape == written.shape == pixels.shape
+        probabilities = served.signatures["segment"](images=tf.constant(
+            np.asarray(Image.open(tmp_path / f"crop{bits}.png"), "float32")[None, ..., None]
+        ))["probabilities"].numpy()[0, ..., 0]
+        ties = np.abs(probabilities - 0.5) < 1e-4
+        np.testing.assert_array_equal(served_mask[~ties], written[~ties], err_msg=str(bits))
+
+
+def test_saved_model_cli_runs_segment_on_a_raw_npy_image(demo_export, tmp_path):
+    """A client outside this package's Python: TensorFlow's own saved_model_cli."""
+    import subprocess
+    import sys
+
+    run, _ = demo_export
+    pixels = _raw_demo_image()[SEGMENT_CROPS["97x131"]][None, ..., None].astype("float32")
+    np.save(tmp_path / "raw.npy", pixels)
+    cli_path = os.path.join(os.path.dirname(sys.executable), "saved_model_cli")
+    result = subprocess.run(
+        [cli_path, "run", "--dir", str(run.parent / "saved" / "1"), "--tag_set", "serve",
+         "--signature_def", "segment", "--inputs", f"images={tmp_path / 'raw.npy'}",
+         "--outdir", str(tmp_path / "out")],
+        capture_output=True, text=True, timeout=300,
+        env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    probabilities = np.load(tmp_path / "out" / "probabilities.npy")
+    model = inference.fully_convolutional(inference.load_model(run / "best.keras"))
+    expected = inference.predict_image(model, pixels[0, ..., 0], patch_size=64)
+    np.testing.assert_allclose(probabilities[0], expected, atol=1e-4)
+    assert np.load(tmp_path / "out" / "mask.npy").dtype == np.uint8
+    # the signature for clients that normalise themselves, through the same loader
+    np.save(tmp_path / "normalized.npy", data.normalize(pixels[0])[None])
+    result = subprocess.run(
+        [cli_path, "run", "--dir", str(run.parent / "saved" / "1"), "--tag_set", "serve",
+         "--signature_def", "probabilities", "--inputs",
+         f"images={tmp_path / 'normalized.npy'}", "--outdir", str(tmp_path / "plain")],
+        capture_output=True, text=True, timeout=300,
+        env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    np.testing.assert_allclose(np.load(tmp_path / "plain" / "probabilities.npy")[0],
+                               reflect_padded_prediction(model, data.normalize(pixels[0]), 16),
+                               atol=1e-5)
