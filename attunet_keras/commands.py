@@ -375,7 +375,7 @@ def _inputs(args, names):
         for name, path in names:
             yield name, data.read_image(path), False, path
         return
-    dataset = training.load_data(training.read_config(args.run))
+    dataset = training.load_data(training.read_config(args.run), run_dir=args.run)
     for name, image, _ in dataset.examples:
         yield name, image, True, name
 
@@ -406,8 +406,10 @@ def _predict(args):
         if not args.input:
             raise ValueError("an ensemble predicts given images (each run held out other "
                              "cases): give IMAGE_OR_FOLDER.")
-    plan = _run_plan(args.run)
+    plan = _run_plan(args.run or (args.model and os.path.dirname(
+        os.path.abspath(args.model))))
     if plan is not None and args.input:
+        _check_ensemble_plans(plan, members)
         return _predict_medical(args, plan)
     names = _input_names(args)
     if os.path.exists(args.output) and not os.path.isdir(args.output):
@@ -452,6 +454,18 @@ def _run_plan(run):
         return None
     path = os.path.join(run, planning.PLAN_FILE)
     return planning.read_plan(path) if os.path.isfile(path) else None
+
+
+def _check_ensemble_plans(plan, members):
+    """An ensemble's runs must have prepared their cases alike."""
+    from attunet_keras.data import planning
+
+    for member in members or ():
+        other = _run_plan(member)
+        if other is None or planning.plan_key(other) != planning.plan_key(plan):
+            raise ValueError(f"{member} was not planned as the first run (spacing, "
+                             "interpolation or normalisation differ, or it has no "
+                             "plan.json); an ensemble's runs must prepare cases alike.")
 
 
 def _predict_medical(args, plan):

@@ -313,13 +313,14 @@ class TrainConfig:
         return values
 
 
-def run_plan(config, say=None):
-    """The plan of a Decathlon / nnU-Net run: the one recorded in its run folder, the
-    `plan` file given, or planned now from the folder and the run's settings."""
+def run_plan(config, run_dir=None, say=None):
+    """The plan of a Decathlon / nnU-Net run: the one recorded in `run_dir` (a run
+    that has started: evaluate, predict, a resumed run), else the `plan` file given,
+    or planned now from the folder and the run's settings."""
     from attunet_keras.data import planning
 
-    recorded = os.path.join(config.output, planning.PLAN_FILE)
-    if os.path.isfile(recorded):
+    recorded = run_dir and os.path.join(run_dir, planning.PLAN_FILE)
+    if recorded and os.path.isfile(recorded):
         return planning.read_plan(recorded)
     if config.plan is not None:
         return planning.read_plan(config.plan)
@@ -329,10 +330,13 @@ def run_plan(config, say=None):
                               features=config.features, say=say)
 
 
-def load_data(config):
-    """The dataset of a run, split as in training (a folder's recorded held-out files)."""
+def load_data(config, run_dir=None):
+    """The dataset of a run, split as in training (a folder's recorded held-out files).
+
+    `run_dir`: the run folder whose recorded plan a Decathlon / nnU-Net dataset uses
+    (evaluate, predict, a resumed run); None plans afresh (a new run)."""
     if config.is_medical():
-        plan = run_plan(config)
+        plan = run_plan(config, run_dir)
         dataset = data_lib.medical_folder(
             config.dataset, plan, tile=config.tile, val_fraction=config.val_fraction,
             seed=config.seed, val_files=config.val_files, cache=config.cache,

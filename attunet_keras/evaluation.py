@@ -70,7 +70,7 @@ def evaluate_run(run_dir, *, dataset=None, model=None, overlap=EVALUATE_OVERLAP,
     ordered by intensity.
     """
     config = config_lib.read_config(run_dir)
-    dataset = dataset or config_lib.load_data(config)
+    dataset = dataset or config_lib.load_data(config, run_dir=run_dir)
     if model is None:
         model = load_run_model(run_dir)
     else:  # another model, or an `inference.Ensemble` (its first member's facts)

@@ -530,10 +530,18 @@ def medical_cases(path, plan):
     names = [name for name in names if medical._ending(name) in medical.FILE_ENDINGS]
     if not names:
         raise ValueError(f"{path} holds no {', '.join(medical.FILE_ENDINGS)} cases.")
-    ending = medical._ending(names[0])
+    endings = {medical._ending(name) for name in names}
+    if len(endings) > 1:
+        raise ValueError(f"{path} mixes {', '.join(sorted(endings))} files; predict one "
+                         "kind of case at a time.")
+    ending = endings.pop()
     stems = [name[:-len(ending)] for name in names]
-    if all(medical.CHANNEL_SUFFIX.match(stem) for stem in stems) and (
-            channels > 1 or plan["layout"] == "nnunet"):
+    suffixed = [bool(medical.CHANNEL_SUFFIX.match(stem)) for stem in stems]
+    if any(suffixed) and (channels > 1 or plan["layout"] == "nnunet"):
+        stray = [name for name, ok in zip(names, suffixed) if not ok]
+        if stray:
+            raise ValueError(f"{os.path.join(folder, stray[0])}: not CASE_XXXX{ending} (the "
+                             "channel index as four digits) among nnU-Net channel files.")
         wanted = {medical.CHANNEL_SUFFIX.match(stem)["case"] for stem in stems}
         return [case for case in medical.test_cases_of(folder, ending, channels)
                 if case.name in wanted]

@@ -192,7 +192,7 @@ def _model_and_case(members, case):
     """The model of the run that held `case` out, and the case's image and labels."""
     run = members[case.get("fold", 0)][1]
     config = config_lib.read_config(run)
-    dataset = config_lib.load_data(config)
+    dataset = config_lib.load_data(config, run_dir=run)
     index = next(index for index in dataset.val if dataset.items[index].name == case["case"])
     image, mask = dataset.read(index)
     return evaluation.load_run_model(run), dataset, image, mask

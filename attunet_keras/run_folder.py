@@ -164,7 +164,7 @@ def nothing_trained(output):
     run's own files (config.json, an empty log.csv, tensorboard/), no backup and no
     model. A rerun, with any settings, starts it afresh."""
     names = set(runs.entries(output))
-    if not names or not names <= {CONFIG_FILE, LOG_FILE, "tensorboard"}:
+    if not names or not names <= {CONFIG_FILE, LOG_FILE, "tensorboard", PLAN_FILE}:
         return False
     try:
         config_lib.read_config(output)
@@ -178,8 +178,10 @@ def nothing_trained(output):
     return True
 
 
+# plan.json: the plan of a Decathlon / nnU-Net run (data.planning)
+PLAN_FILE = "plan.json"
 RUN_ENTRIES = (CONFIG_FILE, LOG_FILE, BEST_MODEL, LAST_MODEL, RESULT_FILE, BACKUP_DIR,
-               "tensorboard")
+               "tensorboard", PLAN_FILE)
 
 
 def start_output(config, output, overwrite, resuming):

@@ -231,8 +231,15 @@ def run_dataset(config, output, resuming):
     if config.folds is not None and config.val_files is None:
         _, val_files = fold_split(config)
         config = dataclasses.replace(config, val_files=val_files)
-    dataset = load_data(config)
+    dataset = load_data(config, run_dir=output if resuming else None)
     plan = getattr(dataset, "plan", None)
+    if plan is not None and config.plan is not None and not resuming:
+        # planning on the fly read every case; a plan from a file did not
+        folder = data_lib.medical.describe(config.dataset)
+        problems = data_lib.medical.label_values_problems(folder)
+        if problems:
+            raise ValueError(f"{config.dataset}: {len(problems)} problem(s) in the labels:\n"
+                             + data_lib.medical.listing(problems))
     if plan is not None:
         if config.dims is not None and config.dims != dataset.dims:
             raise ValueError(f"dims={config.dims} but {config.dataset} holds "
@@ -390,7 +397,7 @@ def calibration_patches(run_dir, count=64, seed=0):
     representative images of an int8 LiteRT export (`export --quantize int8`)."""
     config = read_config(run_dir)
     batches = data_lib.training_dataset(
-        load_data(config), count, seed=seed, data_format=config.data_format,
+        load_data(config, run_dir=run_dir), count, seed=seed, data_format=config.data_format,
         patches_per_image=config.patches_per_image,
         foreground_fraction=config.foreground_fraction)
     return next(iter(batches))[0].numpy()

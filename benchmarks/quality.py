@@ -10,6 +10,12 @@ baseline on the same held-out pixels, the training time and the machine.
 Both go through the streaming pipeline (`data.training_dataset`: random patches, a
 third centred on foreground); the scores are those of the whole held-out images.
 
+`brainmsd` is the same template as a Decathlon folder (tests/medical_cases.py): six
+two-channel cases (T1 and a contrast-reversed second channel) at mixed spacings of
+1.75 to 2.5 mm, one with a rotated affine, two held out; the run plans nnU-Net's
+target spacing and z-scores, trains att_unet_3d on the resampled cases and scores
+each held-out case on its own grid (`train` on the folder as it is on disk).
+
 Targets (from the project's issues): nuclei held-out Dice >= 0.94 and >= Otsu + 0.05;
 brain mean grey/white-matter Dice >= 0.93, each within about 10 minutes of CPU
 training on 2 cores; brain3d >= 0.93 within 15 minutes. `brain` and `brain3d` hold
@@ -27,12 +33,15 @@ import time
 
 from machine import machine
 
-TARGETS = {"nuclei": 0.94, "brain": 0.93, "brain3d": 0.93}
-MINUTES = {"nuclei": 10, "brain": 10, "brain3d": 15}
+TARGETS = {"nuclei": 0.94, "brain": 0.93, "brain3d": 0.93,
+           "brainmsd": None}  # no target in the issues: reported next to brain3d
+MINUTES = {"nuclei": 10, "brain": 10, "brain3d": 15, "brainmsd": 15}
 SETTINGS = {
     "nuclei": dict(epochs=30, steps_per_epoch=20, batch_size=8),
     "brain": dict(epochs=30, steps_per_epoch=20, batch_size=8),
     "brain3d": dict(epochs=25, steps_per_epoch=20, batch_size=2),
+    "brainmsd": dict(epochs=25, steps_per_epoch=20, batch_size=2, depth=3, tile=32,
+                     val_fraction=0.34),
 }
 
 
@@ -54,7 +63,16 @@ def main(argv=None):
         settings = dict(SETTINGS[name])
         if args.epochs:
             settings["epochs"] = args.epochs
-        config = training.TrainConfig(dataset=name, output=run_dir, **settings)
+        dataset = name
+        if name == "brainmsd":
+            sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                            "..", "tests"))
+            import medical_cases
+
+            dataset = os.path.join(args.output, "brainmsd_data")
+            shutil.rmtree(dataset, ignore_errors=True)
+            medical_cases.decathlon_brain(dataset, scale=0.5)
+        config = training.TrainConfig(dataset=dataset, output=run_dir, **settings)
         start = time.perf_counter()
         result = training.train(config, verbose=2)
         seconds = time.perf_counter() - start
@@ -62,7 +80,8 @@ def main(argv=None):
         report["runs"][name] = dict(result, train_seconds=round(seconds, 1),
                                     settings=settings, target_dice=TARGETS[name],
                                     target_minutes=MINUTES[name],
-                                    meets_target=dice >= TARGETS[name] and (
+                                    meets_target=(TARGETS[name] is None
+                                                  or dice >= TARGETS[name]) and (
                                         name != "nuclei" or dice >= otsu + 0.05)
                                     and seconds <= 60 * MINUTES[name])
         print(f"{name}: held-out Dice {dice:.4f} (Otsu {otsu:.4f}), "

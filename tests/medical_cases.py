@@ -41,13 +41,15 @@ def _template():
 
 
 @functools.lru_cache(maxsize=None)
-def _brain_case(name):
-    return brain_case(name, *_template())
+def _brain_case(name, scale=1.0):
+    return brain_case(name, *_template(), scale=scale)
 
 
-def brain_case(name, t1, labels):
-    """`(image (X, Y, Z, 2) float32, labels (X, Y, Z) uint8, affine)` of one case."""
+def brain_case(name, t1, labels, scale=1.0):
+    """`(image (X, Y, Z, 2) float32, labels (X, Y, Z) uint8, affine)` of one case;
+    `scale` multiplies its spacing (0.5: twice as fine)."""
     spacing, degrees, shift = BRAIN_CASES[name]
+    spacing = tuple(side * scale for side in spacing)
     shifted = ndimage.shift(t1, shift, order=1)
     shifted_labels = ndimage.shift(labels, shift, order=0)
     zoom = [1.0 / s for s in spacing]
@@ -75,14 +77,15 @@ def _save(array, affine, path, dtype):
     nibabel.save(image, path)
 
 
-def decathlon_brain(root, names=None):
-    """A Decathlon folder of two-channel brain cases (4D NIfTI, modalities last)."""
+def decathlon_brain(root, names=None, scale=1.0):
+    """A Decathlon folder of two-channel brain cases (4D NIfTI, modalities last);
+    `scale` multiplies every case's spacing (benchmarks/quality.py uses 0.5)."""
     names = list(names or BRAIN_CASES)
     for sub in ("imagesTr", "labelsTr", "imagesTs"):
         os.makedirs(os.path.join(root, sub), exist_ok=True)
     training = []
     for name in names:
-        image, mask, affine = _brain_case(name)
+        image, mask, affine = _brain_case(name, scale)
         _save(image, affine, os.path.join(root, "imagesTr", f"{name}.nii.gz"), "float32")
         _save(mask, affine, os.path.join(root, "labelsTr", f"{name}.nii.gz"), "uint8")
         # the macOS resource forks of the Decathlon tarballs
@@ -90,7 +93,7 @@ def decathlon_brain(root, names=None):
             file.write(b"\x00\x05\x16\x07")
         training.append({"image": f"./imagesTr/{name}.nii.gz",
                          "label": f"./labelsTr/{name}.nii.gz"})
-    test_image, _, test_affine = _brain_case(names[0])
+    test_image, _, test_affine = _brain_case(names[0], scale)
     _save(test_image, test_affine, os.path.join(root, "imagesTs", "brain_900.nii.gz"),
           "float32")
     with open(os.path.join(root, "dataset.json"), "w") as file:
@@ -111,11 +114,17 @@ def nnunet_brain(root, names=None):
         for channel in range(2):
             _save(image[..., channel], affine,
                   os.path.join(root, "imagesTr", f"{name}_{channel:04d}.nii.gz"), "float32")
+            # the macOS resource forks of tarballs made on a Mac
+            with open(os.path.join(root, "imagesTr", f"._{name}_{channel:04d}.nii.gz"),
+                      "wb") as file:
+                file.write(b"\x00\x05\x16\x07")
         _save(mask, affine, os.path.join(root, "labelsTr", f"{name}.nii.gz"), "uint8")
     image, _, affine = _brain_case(names[0])
     for channel in range(2):
         _save(image[..., channel], affine,
               os.path.join(root, "imagesTs", f"brain_900_{channel:04d}.nii.gz"), "float32")
+    with open(os.path.join(root, "imagesTs", "README.txt"), "w") as file:
+        file.write("a stray file: never a case\n")
     with open(os.path.join(root, "dataset.json"), "w") as file:
         json.dump({"name": "BrainNNUNet", "channel_names": {"0": "T1", "1": "T2"},
                    "labels": {"background": 0, "grey_matter": 1, "white_matter": 2},

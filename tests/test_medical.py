@@ -141,11 +141,9 @@ def test_zscore_over_the_nonzero_region_leaves_the_outside_at_zero():
 
 
 def test_labels_resampled_to_the_target_and_back_are_themselves():
-    rng = np.random.default_rng(1)
     labels = np.zeros((24, 24, 12), "uint8")
     labels[4:18, 3:20, 2:10] = 1
     labels[8:14, 8:16, 4:8] = 2
-    labels[rng.random(labels.shape) < 0.0] = 0
     spacing, target = (2.0, 2.0, 4.0), (1.0, 1.0, 2.0)
     fine = planning.resample_labels(labels, spacing, target, n_values=3)
     assert fine.shape == (48, 48, 24) and set(np.unique(fine)) == {0, 1, 2}
@@ -162,6 +160,15 @@ def test_labels_resampled_to_the_target_and_back_are_themselves():
     assert planning._separate_axis((1.0, 1.0, 2.0), (1.0, 1.0, 1.0)) is None
     thick = planning.resample_labels(labels, (1.0, 1.0, 4.0), (1.0, 1.0, 2.0), n_values=3)
     np.testing.assert_array_equal(thick[:, :, ::2], labels)  # nearest along z
+    # separate z with the plane down-sampled 2x: a border voxel whose one-hot value is
+    # exactly 0.5 in-plane keeps its label, as nnU-Net's resize_segmentation keeps it
+    # (and as the path without separate z does)
+    strip = np.zeros((8, 8, 4), "uint8")
+    strip[:3] = 1
+    separate = planning.resample_labels(strip, (0.5, 0.5, 5.0), (1.0, 1.0, 5.0), n_values=2)
+    joint = planning.resample_labels(strip, (1.0, 1.0, 1.5), (2.0, 2.0, 1.5), n_values=2)
+    np.testing.assert_array_equal(separate[:, 0, 0], [1, 1, 0, 0])
+    np.testing.assert_array_equal(joint[:, 0, 0], [1, 1, 0, 0])
 
 
 def test_every_problem_is_listed_with_its_file_and_train_refuses(folders, tmp_path, capsys):
@@ -174,9 +181,6 @@ def test_every_problem_is_listed_with_its_file_and_train_refuses(folders, tmp_pa
     other = nibabel.load(folder / "imagesTr" / "brain_004_0000.nii.gz")
     nibabel.save(nibabel.Nifti1Image(np.asarray(other.dataobj)[:-2], other.affine),
                  folder / "imagesTr" / "brain_004_0001.nii.gz")
-    with open(folder / "dataset.json") as file:
-        values = json.load(file)
-    values["numTraining"] = 6
     assert cli.main(["check-data", str(folder)]) == 1
     out = capsys.readouterr().out
     assert "brain_002_0001.nii.gz: missing (case brain_002 needs 2 channel file(s)" in out
@@ -187,6 +191,20 @@ def test_every_problem_is_listed_with_its_file_and_train_refuses(folders, tmp_pa
     assert "brain_003.nii.gz: labels [7] are not in dataset.json's labels (0..2)" in out
     assert "brain_004_0001.nii.gz is 39x52x34 but" in out and "share one grid" in out
     assert "2 problem(s)" in out
+    with open(folder / "dataset.json") as file:
+        values = json.load(file)
+    with open(folder / "dataset.json", "w") as file:
+        json.dump(dict(values, numTraining=7), file)
+    shutil.copy(folder / "imagesTr" / "brain_000_0000.nii.gz", folder / "imagesTr" /
+                "brain_000_0002.nii.gz")
+    with pytest.raises(ValueError, match=r"brain_000_0002.nii.gz: channel 2 but dataset.json "
+                                         r"names 2 channel"):
+        medical.describe(str(folder))
+    os.remove(folder / "imagesTr" / "brain_000_0002.nii.gz")
+    with pytest.raises(ValueError, match=r"numTraining is 7 but labelsTr/ holds 6 case"):
+        medical.describe(str(folder))
+    with open(folder / "dataset.json", "w") as file:
+        json.dump(values, file)
     run = tmp_path / "run"
     with pytest.raises(SystemExit):
         cli.main(["train", "--dataset", str(folder), "--output", str(run), "--epochs", "1"])
@@ -196,6 +214,16 @@ def test_every_problem_is_listed_with_its_file_and_train_refuses(folders, tmp_pa
         cli.main(["train", "--dataset", folders["nnunet"], "--output", str(run),
                   "--n-label", "2"])
     assert "n_label=2 but" in capsys.readouterr().err and not run.exists()
+    # a plan from a file read no voxel: the labels are still checked before any step
+    fixed = nibabel.load(folders["nnunet"] + "/imagesTr/brain_004_0001.nii.gz")
+    nibabel.save(fixed, folder / "imagesTr" / "brain_004_0001.nii.gz")
+    plan = planning.make_plan(folders["nnunet"], depth=2, features=4)
+    planning.write_plan(plan, tmp_path / "plan.json")
+    with pytest.raises(SystemExit):
+        cli.main(["train", "--dataset", str(folder), "--output", str(run), "--plan",
+                  str(tmp_path / "plan.json"), "--depth", "2", "--epochs", "1"])
+    assert "brain_003.nii.gz: labels [7] are not in dataset.json's labels" in \
+        capsys.readouterr().err and not run.exists()
 
 
 @pytest.mark.parametrize("change, match", [
@@ -295,7 +323,12 @@ def test_an_nnunet_folder_trains_with_a_plan_from_the_plan_command(folders, tmp_
         assert json.load(file) == json.load(recorded)
     with open(run / "summary.csv") as file:
         rows = list(csv.DictReader(file))
-    assert {row["case"] for row in rows} <= set(medical_cases.BRAIN_CASES)
+    assert rows and {row["case"] for row in rows} <= set(medical_cases.BRAIN_CASES)
+    # --overwrite with another spacing plans again (the old run's plan is not reused)
+    again = list(argv)
+    again[again.index("--plan"):again.index("--plan") + 2] = ["--spacing", "6,6,6"]
+    assert cli.main(again + ["--overwrite"]) == 0
+    assert planning.read_plan(run / "plan.json")["spacing"]["target"] == [6.0, 6.0, 6.0]
     with pytest.raises(SystemExit):
         cli.main(argv[:-2] + ["--spacing", "2,2,2", "--output", str(tmp_path / "r2"),
                               "--verbose", "0"])
@@ -304,3 +337,48 @@ def test_an_nnunet_folder_trains_with_a_plan_from_the_plan_command(folders, tmp_
         cli.main(["train", "--dataset", "nuclei", "--output", str(tmp_path / "r3"),
                   "--spacing", "auto"])
     assert "spacing applies to Decathlon and nnU-Net folders" in capsys.readouterr().err
+
+
+def test_a_stray_test_file_blocks_neither_training_nor_the_listing(folders, tmp_path):
+    folder = _copy(folders["nnunet"], tmp_path)
+    shutil.copy(folder / "imagesTr" / "brain_000_0000.nii.gz", folder / "imagesTs" /
+                "preview.nii.gz")
+    described = medical.describe(str(folder))
+    assert len(described.cases) == 6  # the training cases, as before
+    plan = planning.make_plan(str(folder), depth=2, features=4)
+    from attunet_keras import inference
+
+    with pytest.raises(ValueError, match=r"preview.nii.gz: not CASE_XXXX.nii.gz"):
+        inference.medical_cases(str(folder / "imagesTs"), plan)
+
+
+def test_a_2d_nnunet_folder_of_rgb_pngs(tmp_path):
+    """nnU-Net's natural images: one RGB PNG holds the three channels; an older
+    dataset.json names them under "modality"; pixels are used as stored."""
+    from PIL import Image
+
+    root = tmp_path / "Dataset120_Rgb"
+    (root / "imagesTr").mkdir(parents=True)
+    (root / "labelsTr").mkdir()
+    rng = np.random.default_rng(0)
+    for index in range(3):
+        image = (rng.random((20, 24, 3)) * 255).astype("uint8")
+        Image.fromarray(image).save(root / "imagesTr" / f"road_{index:03d}_0000.png")
+        labels = (image[..., 0] > 128).astype("uint8")
+        Image.fromarray(labels).save(root / "labelsTr" / f"road_{index:03d}.png")
+    with open(root / "dataset.json", "w") as file:
+        json.dump({"modality": {"0": "R", "1": "G", "2": "B"},
+                   "labels": {"background": 0, "road": 1}, "numTraining": 3,
+                   "file_ending": ".png"}, file)
+    folder = medical.describe(str(root))
+    assert folder.dims == 2 and folder.n_label == 1 and folder.channels == ("R", "G", "B")
+    image, labels, geometry = medical.read_case(folder.cases[0])
+    assert image.shape == (20, 24, 3) and labels.shape == (20, 24)
+    assert medical.problems(str(root))[1] == []
+    plan = planning.make_plan(str(root), normalization="rgb_to_0_1", depth=2, features=4)
+    assert plan["spacing"]["target"] is None and plan["dims"] == 2
+    dataset = data.medical_folder(str(root), plan, tile=16, val_fraction=0.34)
+    prepared, mask = dataset.read(dataset.train[0])
+    assert prepared.max() <= 1.0 and prepared.shape == (20, 24, 3)
+    with pytest.raises(ValueError, match=r"cases are 2D images, used pixel for pixel"):
+        planning.make_plan(str(root), spacing="0.5,0.5")

@@ -198,7 +198,9 @@ def _describe_decathlon(path, values, json_path):
 
 
 def _describe_nnunet(path, values, json_path):
-    channels = _channels(values, "channel_names", json_path)
+    # nnU-Net v2 reads an older dataset.json's "modality" too (with a warning)
+    channels = _channels(values, "channel_names" if "channel_names" in values
+                         else "modality", json_path)
     label_names = _label_names(values.get("labels"), json_path, nnunet=True)
     ending = values.get("file_ending")
     if not isinstance(ending, str):
@@ -212,13 +214,16 @@ def _describe_nnunet(path, values, json_path):
         problems.append(f"{json_path}: numTraining is {expected} but labelsTr/ holds "
                         f"{len(cases)} case(s).")
     if problems:
-        raise ValueError(f"{path}: {len(problems)} problem(s):\n" + "\n".join(problems[:20]))
+        raise ValueError(f"{path}: {len(problems)} problem(s):\n" + listing(problems))
     if not cases:
         raise ValueError(f"{path}: labelsTr/ holds no *{ending} cases.")
     test_cases = ()
     if os.path.isdir(os.path.join(path, "imagesTs")):
-        test_cases = tuple(test_cases_of(os.path.join(path, "imagesTs"), ending,
-                                         len(channels)))
+        try:  # a stray file there concerns predict, not the training cases
+            test_cases = tuple(test_cases_of(os.path.join(path, "imagesTs"), ending,
+                                             len(channels)))
+        except ValueError:
+            test_cases = ()
     return MedicalFolder(path, "nnunet", str(values.get("name") or os.path.basename(
         os.path.normpath(path))), channels, label_names, tuple(cases), test_cases, ending,
         2 if ending in (".png", ".tif") else 3)
@@ -240,6 +245,11 @@ def _nnunet_cases(path, images_dir, labels_dir, ending, n_channels, problems):
         case = name[:-len(ending)]
         found = grouped.pop(case, {})
         wanted = [f"{case}_{channel:04d}{ending}" for channel in range(n_channels)]
+        if sorted(found) == [0] and ending in (".png", ".tif"):
+            # one RGB image may hold every channel (nnU-Net's natural images);
+            # read_header checks the channel count
+            cases.append(Case(case, (found[0],), os.path.join(labels, name)))
+            continue
         absent = [file for channel, file in enumerate(wanted) if channel not in found]
         if absent:
             problems.append(f"{os.path.join(path, images_dir, absent[0])}: missing (case "
@@ -290,6 +300,28 @@ def test_cases_of(folder, ending, n_channels):
     if problems:
         raise ValueError(f"{folder}: {len(problems)} problem(s):\n" + "\n".join(problems[:20]))
     return cases
+
+
+def listing(problems, shown=20):
+    """The first `shown` problems, one per line, and how many more there are."""
+    more = f"\n... and {len(problems) - shown} more" if len(problems) > shown else ""
+    return "\n".join(problems[:shown]) + more
+
+
+def label_values_problems(folder):
+    """Every label file's values outside dataset.json's labels (each label read once,
+    no image): what a run given a plan checks before its first step."""
+    problems = []
+    for case in folder.cases:
+        try:
+            labels = files.volume_mask(files.read_volume(case.label)[0]
+                                       if files.is_volume_file(case.label)
+                                       else files.read_image(case.label, mask=True))
+        except ValueError as error:
+            problems.append(str(error))
+            continue
+        problems.extend(label_problems(labels, case.label, len(folder.label_names)))
+    return problems
 
 
 def _case_name(path):
@@ -388,7 +420,7 @@ def headers(folder):
     if problems:
         raise ValueError(f"{folder.path}: {len(problems)} problem(s) in the cases' headers "
                          f"(attunet-keras check-data {folder.path} lists every problem of "
-                         "the voxels too):\n" + "\n".join(problems[:20]))
+                         "the voxels too):\n" + listing(problems))
     return geometries
 
 
@@ -416,9 +448,9 @@ def read_case(case, with_label=True):
     image = np.concatenate(arrays, axis=-1)
     labels = None
     if with_label and case.label is not None:
-        labels = (files.volume_mask(files.read_volume(case.label)[0])
-                  if files.is_volume_file(case.label)
-                  else files.read_image(case.label, mask=True))
+        labels = files.volume_mask(files.read_volume(case.label)[0]
+                                   if files.is_volume_file(case.label)
+                                   else files.read_image(case.label, mask=True))
         if labels.ndim == image.ndim:
             labels = labels[..., 0]
         size = files.size_problem(image.shape[:-1], labels.shape, case.images[0], case.label)

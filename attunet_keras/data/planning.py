@@ -217,8 +217,10 @@ def resample_labels(labels, spacing, target, shape=None, n_values=None):
         if axis is None:
             resized = _resize(one_hot, shape, LABEL_ORDER)
         else:
-            resized = np.round(_resize_separately(one_hot, shape, axis, LABEL_ORDER,
-                                                  SEPARATE_AXIS_ORDER))
+            # order 0 along the coarse axis keeps the in-plane values; a half stays
+            # in, as nnU-Net's resize_segmentation keeps it in-plane
+            resized = _resize_separately(one_hot, shape, axis, LABEL_ORDER,
+                                         SEPARATE_AXIS_ORDER)
         result[resized >= 0.5] = value
     return result
 
@@ -322,7 +324,7 @@ def fingerprint(folder, say=None):
     if problems:
         raise ValueError(f"{folder.path}: {len(problems)} problem(s) in the cases (attunet-"
                          f"keras check-data {folder.path} lists the same):\n"
-                         + "\n".join(problems[:20]))
+                         + medical.listing(problems))
     intensities = []
     for channel, name in enumerate(folder.channels):
         values = (np.concatenate(samples[channel]) if samples[channel]
@@ -419,6 +421,9 @@ def make_plan(path, *, spacing="auto", normalization=None, memory_gb=None,
     spacings = [case["spacing"] for case in found["cases"]]
     crops = [case["shape_after_crop"] for case in found["cases"]]
     shapes = [case["shape"] for case in found["cases"]]
+    if folder.dims == 2 and spacing not in ("auto", "none"):
+        raise ValueError(f"spacing={','.join(map(str, spacing))}: {folder.name}'s cases are "
+                         "2D images, used pixel for pixel; leave --spacing out.")
     if folder.dims == 2 or spacing == "none":
         target, rule = None, "none: voxels as stored"
     elif spacing == "auto":
