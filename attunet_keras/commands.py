@@ -718,15 +718,21 @@ def _check_data(args):
         raise ValueError(f"{args.dataset} holds images/ and masks/; give --n-label (1 "
                          "for binary masks, else the number of classes).")
     checked, problems, notes = data.check_folder(args.dataset, args.n_label)
+    if _print_problems(args.dataset, checked, problems, notes, "pair(s) read"):
+        return 1
+    print(f"{args.dataset}: {checked} pair(s) read, no problems (n_label={args.n_label}).")
+    return 0
+
+
+def _print_problems(dataset, checked, problems, notes, what):
+    """Prints check-data's notes and problems; True when there is a problem."""
     for note in notes:
         print(f"note: {note}")
     for problem in problems:
         print(problem)
     if problems:
-        print(f"{len(problems)} problem(s) in {args.dataset} ({checked} pair(s) read).")
-        return 1
-    print(f"{args.dataset}: {checked} pair(s) read, no problems (n_label={args.n_label}).")
-    return 0
+        print(f"{len(problems)} problem(s) in {dataset} ({checked} {what}).")
+    return bool(problems)
 
 
 def _check_medical(args):
@@ -739,12 +745,7 @@ def _check_medical(args):
                          f"labels {', '.join(folder.label_names)} (n_label "
                          f"{folder.n_label}); leave --n-label out for these folders.")
     checked, problems, notes = data.medical.problems(args.dataset)
-    for note in notes:
-        print(f"note: {note}")
-    for problem in problems:
-        print(problem)
-    if problems:
-        print(f"{len(problems)} problem(s) in {args.dataset} ({checked} case(s) listed).")
+    if _print_problems(args.dataset, checked, problems, notes, "case(s) listed"):
         return 1
     folder = data.medical.describe(args.dataset)
     print(f"{args.dataset}: {checked} case(s) read, no problems ({folder.layout} layout, "

@@ -69,9 +69,14 @@ def check_arguments(rank, options):
     if not isinstance(options["second_sigmoid"], bool):
         raise ValueError(f"second_sigmoid={options['second_sigmoid']!r} is not allowed; "
                          "expected True or False.")
+    _check_features(options)
+
+
+def _check_features(options):
     if options["features"] < 2:
         raise ValueError(f"features={options['features']} is not allowed for "
-                         "variant='attu_net': its top gate has F_int = features // 2.")
+                         f"variant={options['variant']!r}: its top gate has F_int = "
+                         "features // 2.")
 
 
 def build(rank, x, options, data_format, decoder, activate):
@@ -183,9 +188,7 @@ def _check_monai(options):
     if options["dropout"] not in (0, 0.0):
         raise ValueError(f"dropout={options['dropout']!r}: variant='monai' is built with "
                          "MONAI's default dropout 0; pass dropout=0.")
-    if options["features"] < 2:
-        raise ValueError(f"features={options['features']} is not allowed for "
-                         "variant='monai': its top gate has F_int = features // 2.")
+    _check_features(options)
 
 
 def build_monai(rank, x, options, data_format, decoder, activate):
