@@ -213,11 +213,25 @@ def _segment_settings(args, model):
         return None, None
     rank = 3 if inference.is_volume_model(model) else 2
     patch = ((args.patch,) * rank if args.patch else inference.own_size(model))
+    if patch is None and args.run:  # a run of free sizes (--init-from): its patch
+        patch = _run_patch(args.run, rank)
     if patch is not None:
         patch = inference.check_patch_size(inference.fully_convolutional(model), patch, rank)
     elif rank == 3:
         raise ValueError("a 3D model's segment runs sliding windows: give --patch N.")
     return rules, patch
+
+
+def _run_patch(run, rank):
+    """The patch a run trained on: its plan's, or its tile (`--tile`, else the
+    default of its images or volumes)."""
+    from attunet_keras import data
+    from attunet_keras import training
+
+    plan = _run_plan(run)
+    if plan is not None and not training.read_config(run).tile:
+        return tuple(plan["patch"])
+    return (training.read_config(run).tile or data.DEFAULT_TILE[rank],) * rank
 
 
 def _train_config(args):

@@ -586,10 +586,7 @@ def segment_signatures(model, normalization, patch=None, threshold=0.5, overlap=
 
     serving.check_rules(normalization)
     rank = 3 if inference.is_volume_model(model) else 2
-    if patch is None and rank == 3:
-        raise ValueError("a 3D model's segment runs sliding windows: give the patch.")
-    big = patch if patch is not None else (10**6,) * rank
-    function = serving.segment_function(model, normalization, big, overlap, threshold,
+    function = serving.segment_function(model, normalization, patch, overlap, threshold,
                                         runner=runner)
     channels = inference.input_channels(model)
 

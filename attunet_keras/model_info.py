@@ -79,11 +79,18 @@ def model_data_format(model):
 
 
 def pooling_levels(model):
-    """Number of 2x2 max-pooling levels: input sizes must be multiples of 2**levels."""
+    """Number of down-sampling levels (2x2 max pooling, or the stride-2 convolutions
+    of `variant="monai"`): input sizes must be multiples of 2**levels."""
     import keras
 
+    def strided(layer):
+        return (isinstance(layer, (keras.layers.Conv2D, keras.layers.Conv3D))
+                and not isinstance(layer, (keras.layers.Conv2DTranspose,
+                                           keras.layers.Conv3DTranspose))
+                and max(layer.strides) > 1)
+
     return sum(isinstance(layer, (keras.layers.MaxPooling2D, keras.layers.MaxPooling3D))
-               for layer in all_layers(model))
+               or strided(layer) for layer in all_layers(model))
 
 
 def size_multiple(model):

@@ -175,9 +175,12 @@ def segment_function(model, rules, patch, overlap=0.5, threshold=0.5, runner=Non
     main = runner if runner is not None else inference.serving_model(model)
     channels_first = inference.model_data_format(model) == "channels_first"
     multiple = inference.size_multiple(model)
-    patch = tuple(int(side) for side in patch)
-    rank = len(patch)
-    importance = tf.constant(inference._importance_map(patch, "gaussian"))
+    rank = 3 if inference.is_volume_model(model) else 2
+    if patch is None and rank == 3:
+        raise ValueError("a 3D model's segment runs sliding windows: give the patch.")
+    patch = None if patch is None else tuple(int(side) for side in patch)
+    importance = (None if patch is None
+                  else tf.constant(inference._importance_map(patch, "gaussian")))
     n_label = inference.output_channels(model)
 
     def run(batch):
@@ -231,6 +234,8 @@ def segment_function(model, rules, patch, overlap=0.5, threshold=0.5, runner=Non
         size = tf.shape(images)[1:rank + 1]
         if rank == 3:  # volumes always by windows, as predict_nifti
             probabilities = windows(images, size)
+        elif patch is None:  # no patch: every image whole
+            probabilities = whole(images, size)
         else:
             larger = tf.reduce_any(size > tf.constant(patch))
             probabilities = tf.cond(larger, lambda: windows(images, size),

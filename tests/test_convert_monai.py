@@ -102,3 +102,21 @@ def test_convert_a_monai_checkpoint_train_from_it_and_export(tmp_path, capsys):
                      "--verbose", "0"]) == 0
     assert cli.main(["export", "--run", str(run), "--output", str(tmp_path / "saved")]) == 0
     assert (tmp_path / "saved" / "1" / "saved_model.pb").is_file()
+
+
+def test_a_monai_model_serves_sizes_that_are_not_multiples_of_its_depth(tmp_path):
+    """Its down-sampling is strided convolutions, not pooling: the size multiple the
+    exports pad to still comes from its depth."""
+    from attunet_keras import export
+
+    model = _keras(2, "channels_last", 2, 4, 1, 1)
+    convert.load_torch_state_dict(model, _monai(2, 2, 4, 1, 1, seed=5).state_dict())
+    assert inference.size_multiple(model) == 4
+    image = np.random.default_rng(2).random((1, 13, 7, 1), dtype="float32")
+    export.export_model(model, tmp_path / "saved")
+    import tensorflow as tf
+
+    served = tf.saved_model.load(str(tmp_path / "saved" / "1"))
+    got = served.signatures["probabilities"](images=tf.constant(image))["probabilities"]
+    expected = inference.predict_probabilities(model, image[0], normalized=True)
+    np.testing.assert_allclose(got.numpy()[0], expected, atol=1e-5)
