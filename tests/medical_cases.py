@@ -30,6 +30,9 @@ BRAIN_CASES = {
     "brain_005": ((5.0, 5.0, 5.0), 0, (0, 4, -4)),
 }
 
+# imagesTs/brain_900 is this case again (its affine rotated 30 degrees)
+TEST_CASE = "brain_003"
+
 
 @functools.lru_cache(maxsize=1)
 def _template():
@@ -93,7 +96,8 @@ def decathlon_brain(root, names=None, scale=1.0):
             file.write(b"\x00\x05\x16\x07")
         training.append({"image": f"./imagesTr/{name}.nii.gz",
                          "label": f"./labelsTr/{name}.nii.gz"})
-    test_image, _, test_affine = _brain_case(names[0], scale)
+    # the test case is the rotated one: predict must keep its affine
+    test_image, _, test_affine = _brain_case(TEST_CASE, scale)
     _save(test_image, test_affine, os.path.join(root, "imagesTs", "brain_900.nii.gz"),
           "float32")
     with open(os.path.join(root, "dataset.json"), "w") as file:
@@ -119,7 +123,7 @@ def nnunet_brain(root, names=None):
                       "wb") as file:
                 file.write(b"\x00\x05\x16\x07")
         _save(mask, affine, os.path.join(root, "labelsTr", f"{name}.nii.gz"), "uint8")
-    image, _, affine = _brain_case(names[0])
+    image, _, affine = _brain_case(TEST_CASE)
     for channel in range(2):
         _save(image[..., channel], affine,
               os.path.join(root, "imagesTs", f"brain_900_{channel:04d}.nii.gz"), "float32")

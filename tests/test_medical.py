@@ -287,6 +287,8 @@ def test_a_short_run_on_a_two_channel_decathlon_folder_learns_and_predicts_on_ea
         written = nibabel.load(output / "brain_900.nii.gz")
         reference = nibabel.load(os.path.join(source, "imagesTs", "brain_900.nii.gz"
                                               if name == "dec" else "brain_900_0000.nii.gz"))
+        assert not np.allclose(reference.affine[:3, :3], np.diag(np.diag(
+            reference.affine[:3, :3])))  # the rotated case
         assert written.shape == reference.shape[:3]
         np.testing.assert_allclose(written.affine, reference.affine, atol=1e-6)
         assert int(written.header["qform_code"]) == int(reference.header["qform_code"]) == 1
