@@ -314,9 +314,7 @@ def label_values_problems(folder):
     problems = []
     for case in folder.cases:
         try:
-            labels = files.volume_mask(files.read_volume(case.label)[0]
-                                       if files.is_volume_file(case.label)
-                                       else files.read_image(case.label, mask=True))
+            labels = read_labels(case.label)
         except ValueError as error:
             problems.append(str(error))
             continue
@@ -448,15 +446,20 @@ def read_case(case, with_label=True):
     image = np.concatenate(arrays, axis=-1)
     labels = None
     if with_label and case.label is not None:
-        labels = files.volume_mask(files.read_volume(case.label)[0]
-                                   if files.is_volume_file(case.label)
-                                   else files.read_image(case.label, mask=True))
+        labels = read_labels(case.label)
         if labels.ndim == image.ndim:
             labels = labels[..., 0]
         size = files.size_problem(image.shape[:-1], labels.shape, case.images[0], case.label)
         if size:
             raise ValueError(size)
     return image, labels, geometry
+
+
+def read_labels(path):
+    """A label file (NIfTI, PNG or TIFF) as integers: whole-number floats converted
+    (`files.volume_mask`), others left for `label_problems` to name."""
+    return files.volume_mask(files.read_volume(path)[0] if files.is_volume_file(path)
+                             else files.read_image(path, mask=True))
 
 
 def label_problems(labels, path, n_values):
