@@ -49,11 +49,23 @@ def kill_training_at(command, backup_dir, reached, what, seconds=300, env=None):
         process.wait()
 
 
+_FREE_SIZE_COPIES = {}
+
+
 def free_size_copy(model, data_format="channels_last"):
     """The model with free spatial sizes, rebuilt from its config and given its weights
     here (not through the package's own `inference.fully_convolutional`), so that a
-    served model can be compared with plain Keras."""
+    served model can be compared with plain Keras. Built once per model and layout
+    (and rebuilt when the model's weights changed since)."""
     import keras
+
+    key = (id(model), data_format)
+    weights = model.get_weights()
+    if key in _FREE_SIZE_COPIES:
+        kept, free = _FREE_SIZE_COPIES[key]
+        if kept is model and all(np.array_equal(a, b) for a, b in
+                                 zip(weights, free.get_weights())):
+            return free
 
     config = model.get_config()
     channels_first = data_format == "channels_first"
@@ -64,7 +76,8 @@ def free_size_copy(model, data_format="channels_last"):
             layer["config"]["batch_shape"] = [side if axis in keep else None
                                               for axis, side in enumerate(shape)]
     free = keras.Model.from_config(config)
-    free.set_weights(model.get_weights())
+    free.set_weights(weights)
+    _FREE_SIZE_COPIES[key] = (model, free)
     return free
 
 
@@ -77,8 +90,10 @@ def reflect_padded_prediction(model, image, multiple, data_format="channels_last
                     mode="reflect")
     batch = padded[None] if data_format == "channels_last" else padded[None].transpose(
         0, 3, 1, 2)
-    output = free_size_copy(model, data_format).predict(batch, verbose=0)
+    # called eagerly: a traced predict would trace again for every padded size
+    output = free_size_copy(model, data_format)(batch, training=False)
     output = output[0] if isinstance(output, (list, tuple)) else output
+    output = np.asarray(output)
     output = output[0] if data_format == "channels_last" else output[0].transpose(1, 2, 0)
     return output[:height, :width]
 
