@@ -268,7 +268,9 @@ def build_parser():
                         help="replace OUTPUT when it exists")
     export.add_argument("--seed", type=int, default=0,
                         help="seed of the random check batch (default: 0)")
-    raw = export.add_argument_group("the segment signatures (savedmodel)")
+    raw = export.add_argument_group(
+        "raw images in, masks out: the segment signatures (savedmodel, by default) or "
+        "graph (onnx, litert, with --segment)")
     raw.add_argument("--normalization", default=None, metavar="SCHEME[,SCHEME...]",
                      help=f"what segment applies to raw images, one for every channel or "
                           f"one per channel: {', '.join(n for n in NORMALIZATIONS if n != 'ct')} "
@@ -280,6 +282,11 @@ def build_parser():
                           "a model of free sizes without it runs every image whole)")
     raw.add_argument("--no-segment", action="store_true",
                      help="leave the segment signatures out (a faster export)")
+    raw.add_argument("--segment", action="store_true",
+                     help="onnx and litert: write the end-to-end graph (raw images in; "
+                          "the normalisation, padding and mask inside; every image whole, "
+                          "litert at the model's own size) instead of the plain model "
+                          "(savedmodel: the default)")
 
     convert = commands.add_parser(
         "convert", help="a PyTorch AttU_Net or MONAI AttentionUnet checkpoint as a .keras "

@@ -152,6 +152,8 @@ def _export(args):
     what = {"savedmodel": "SavedModel (signatures probabilities, mask"
                           + (", segment" if rules else "") + ")",
             "onnx": "ONNX model", "litert": "LiteRT model"}[args.format]
+    if rules and args.format != "savedmodel":
+        what = f"{what} of the segment graph (raw images in; outputs probabilities, mask)"
     if args.format == "litert":
         shape = (1,) + tuple(model.inputs[0].shape[1:])
         size = f"static input {shape} float32 (LiteRT has static shapes)"
@@ -167,6 +169,14 @@ def _export(args):
     main_only = f"; main output of {outputs}" if outputs > 1 else ""
     print(f"Wrote {what} {args.output} ({size}{', int8' if args.quantize else ''}"
           f"{main_only})")
+    if rules and args.format != "savedmodel":
+        why = {"onnx": "tf2onnx does not convert the window loop with the network in it",
+               "litert": "LiteRT's shapes are static"}[args.format]
+        print(f"segment: normalisation {', '.join(rule['scheme'] for rule in rules)} in the "
+              f"graph; " + export.SEGMENT_OUTSIDE.format(format=args.format, why=why)
+              + (f"; checked against predict (max difference {max_diff:.3g})"
+                 if max_diff is not None else ""))
+        return 0
     if max_diff is not None:
         print(f"Reloaded and checked on a batch of {sample.shape}: "
               f"max |export - keras| = {max_diff:.3g}")
@@ -189,18 +199,39 @@ def _export(args):
 
 
 def _segment_settings(args, model):
-    """`(normalisation rules, patch)` of export's segment signatures, or `(None, None)`
-    (other formats, --no-segment, a model without a run or --normalization)."""
+    """`(normalisation rules, patch)` of export's segment signatures (or, with
+    --segment, of the ONNX / LiteRT segment graph), or `(None, None)` (other formats
+    without --segment, --no-segment, a model without a run or --normalization)."""
     from attunet_keras import inference
     from attunet_keras import serving
 
     given = args.normalization is not None or args.patch is not None
-    if args.format != "savedmodel" or args.no_segment:
+    if args.segment and args.no_segment:
+        raise ValueError("--segment and --no-segment contradict each other; give one.")
+    if args.no_segment or (args.format != "savedmodel" and not args.segment):
         if given:
             raise ValueError("--normalization and --patch set the segment signatures of "
-                             "--format savedmodel; leave them out here.")
+                             "--format savedmodel (or, with --segment, the onnx and litert "
+                             "graph); leave them out here.")
         return None, None
-    if inference.needs_static_sizes(model):
+    if args.format != "savedmodel":
+        if inference.is_volume_model(model):
+            raise ValueError(f"--segment with --format {args.format}: a 3D model's segment "
+                             "runs sliding windows, which this format cannot hold; export "
+                             "--format savedmodel.")
+        if args.quantize:
+            raise ValueError("--segment with --quantize int8: an int8 LiteRT model takes "
+                             "normalised images; leave out one of them.")
+        if args.patch is not None and args.format == "litert":
+            raise ValueError("--patch with --format litert: the LiteRT graph takes one image "
+                             "of the model's own size; leave out --patch.")
+        if not args.run and args.normalization is None:
+            raise ValueError(f"--segment with --format {args.format} needs --run DIR or "
+                             "--normalization SCHEME: what the graph applies to raw images.")
+        if args.format == "onnx" and inference.needs_static_sizes(model):
+            raise ValueError("--segment with --format onnx: a model with bilinear "
+                             "up-sampling runs at its own size only; use --format litert.")
+    elif inference.needs_static_sizes(model):
         return None, None
     if not args.run and args.normalization is None:
         return None, None
@@ -209,6 +240,8 @@ def _segment_settings(args, model):
     try:
         serving.check_rules(rules)
     except ValueError as error:  # a step with no TensorFlow op: stays with the client
+        if args.segment:
+            raise
         print(f"No segment signature: {error}")
         return None, None
     rank = 3 if inference.is_volume_model(model) else 2

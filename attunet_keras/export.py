@@ -19,10 +19,12 @@ image of the model's own size, main output only.
   spatial sizes stay dynamic; inputs of the wrong rank or channel count fail with a
   message naming what is expected.
 - `export_onnx(model, path)`: ONNX through tf2onnx (the `onnx` extra), checked with
-  ONNX Runtime when it is installed.
+  ONNX Runtime when it is installed; with `segment`, the end-to-end graph instead
+  (raw images in, every image whole: the window loop stays outside).
 - `export_litert(model, path, quantize=None | "int8", representative=...)`: a `.tflite`
   file, float32, or with int8 post-training quantization calibrated on a
-  representative set of training images (float32 input and output).
+  representative set of training images (float32 input and output); with `segment`,
+  the end-to-end graph at the model's own size.
 """
 
 import contextlib
@@ -391,12 +393,20 @@ def export_serving(model, path, *, sample=None, threshold=0.5, overwrite=False,
 # ---------------------------------------------------------------------------- ONNX
 
 
-def export_onnx(model, path, *, sample=None, overwrite=False, atol=1e-4):
+def export_onnx(model, path, *, sample=None, overwrite=False, atol=1e-4, segment=None):
     """Exports `model` to ONNX (tf2onnx); checked with ONNX Runtime when installed.
+
+    With `segment` (`(normalisation rules, threshold, the model before serving_model,
+    its patch or None)`)
+    the file is instead the end-to-end graph of `serving.segment_function` without a
+    patch: input `images` (raw float32, channels last, any batch and size), outputs
+    `probabilities` and `mask`; every image whole (tf2onnx does not convert the
+    sliding-window loop with the network inside it: see `SEGMENT_OUTSIDE`), checked
+    with ONNX Runtime against `serving.reference_segment` at `segment_sizes`.
 
     Returns:
         The largest |onnxruntime(sample) - predict(sample)|, or None when there is no
-        sample or ONNX Runtime is not installed.
+        sample or ONNX Runtime is not installed (or for a segment graph).
     """
     try:
         import tf2onnx  # noqa: F401
@@ -407,6 +417,8 @@ def export_onnx(model, path, *, sample=None, overwrite=False, atol=1e-4):
         ) from error
     if not str(path).endswith(".onnx"):
         raise ValueError(f"the ONNX file {path!r} must end in .onnx.")
+    if segment is not None:
+        return _export_onnx_segment(model, path, overwrite, *segment)
     with _staged(path, overwrite, "onnx") as staging:
         if sample is not None:
             model.predict(np.asarray(sample, dtype="float32"), verbose=0)  # builds it
@@ -419,6 +431,78 @@ def export_onnx(model, path, *, sample=None, overwrite=False, atol=1e-4):
             if max_diff is not None:
                 _check_diff(max_diff, atol, "ONNX model", path)
     return max_diff
+
+
+SEGMENT_OUTSIDE = (
+    "sliding windows stay outside the {format} graph ({why}): it runs every image whole; "
+    "for images larger than the patch, export without --segment and run windows with "
+    "attunet_keras.inference.blend_windows on images normalised by "
+    "attunet_keras.data.planning.normalize_case"
+)
+
+
+def _segment_whole(model, rules, threshold, runner):
+    """The tf.function graph of `segment` with every image whole (2D models)."""
+    from attunet_keras import serving
+
+    serving.check_rules(rules)
+    if inference.is_volume_model(model):
+        raise ValueError("a 3D model's segment runs sliding windows, which ONNX and "
+                         "LiteRT exports cannot hold; export --format savedmodel.")
+    return serving.segment_function(model, rules, None, threshold=threshold, runner=runner)
+
+
+def _check_segment_runs(model, rules, run, sizes, what, path):
+    """`run(raw)` -> `{"probabilities", "mask"}` against `serving.reference_segment`
+    (every image whole) on random raw images of each size."""
+    from attunet_keras import serving
+
+    channels = inference.input_channels(model)
+    rng = np.random.default_rng(0)
+    worst = 0.0
+    for size in sizes:
+        raw = (rng.random((1,) + tuple(size) + (channels,)) * 1000).astype("float32")
+        served = run(raw)
+        expected = serving.reference_segment(model, raw[0], rules, None)
+        probabilities = np.asarray(served["probabilities"])[0]
+        if probabilities.shape != expected.shape:
+            raise AssertionError(
+                f"the {what} segment graph gave {probabilities.shape} for a "
+                f"{'x'.join(map(str, size))} image; nothing written at {path}.")
+        difference = float(np.max(np.abs(probabilities - expected)))
+        if not difference <= 1e-4:
+            raise AssertionError(
+                f"the {what} segment graph differs from attunet-keras predict by "
+                f"{difference:.3g} on a {'x'.join(map(str, size))} image (more than "
+                f"1e-4); nothing written at {path}.")
+        worst = max(worst, difference)
+    return worst
+
+
+def _export_onnx_segment(model, path, overwrite, rules, threshold, original, patch):
+    import tensorflow as tf
+    import tf2onnx
+
+    function = _segment_whole(original, rules, threshold, model)
+    channels = inference.input_channels(original)
+    spec = [tf.TensorSpec((None, None, None, channels), tf.float32, name="images")]
+    with _staged(path, overwrite, "onnx") as staging:
+        tf2onnx.convert.from_function(tf.function(function, input_signature=spec),
+                                      input_signature=spec, output_path=os.fspath(staging))
+        try:
+            import onnxruntime
+        except ImportError:
+            return None
+        session = onnxruntime.InferenceSession(os.fspath(staging),
+                                               providers=["CPUExecutionProvider"])
+        names = [output.name for output in session.get_outputs()]
+
+        def run(raw):
+            return dict(zip(names, session.run(None, {"images": raw})))
+
+        patch = patch or inference.own_size(original) or (64, 64)
+        return _check_segment_runs(original, rules, run, segment_sizes(tuple(patch), 2),
+                                   "ONNX", path)
 
 
 def onnx_max_diff(model, path, sample):
@@ -442,7 +526,7 @@ def _zeros_like_input(model):
 
 
 def export_litert(model, path, *, quantize=None, representative=None, sample=None,
-                  overwrite=False, atol=1e-4):
+                  overwrite=False, atol=1e-4, segment=None):
     """Exports `model` to a LiteRT (`.tflite`) file, float32 or int8-quantized.
 
     Args:
@@ -455,6 +539,11 @@ def export_litert(model, path, *, quantize=None, representative=None, sample=Non
         sample: array or None. A batch to compare the float32 export with Keras.
         overwrite: bool. Replace an existing file.
         atol: float. Largest difference accepted for the float32 export.
+        segment: None or `(normalisation rules, threshold)`: the file is instead the
+            end-to-end graph of `serving.segment_function` at the model's own size
+            (signature `segment`: input `images`, raw float32 `(1, *size, C)`
+            channels last; outputs `probabilities` and `mask`), checked with the
+            interpreter against `serving.reference_segment`.
 
     Returns:
         The largest |litert(sample) - predict(sample)| for float32 exports with a
@@ -477,6 +566,11 @@ def export_litert(model, path, *, quantize=None, representative=None, sample=Non
             "int8 quantization needs a representative set of training images "
             "(representative=...; on the command line, --run DIR provides it)."
         )
+    if segment is not None:
+        if quantize is not None:
+            raise ValueError("an int8 LiteRT export takes normalised images: leave out "
+                             "--segment (or --quantize).")
+        return _export_litert_segment(model, path, overwrite, input_shape, *segment)
     options = {}
     if quantize == "int8":
         images = np.asarray(representative, dtype="float32")
@@ -498,6 +592,30 @@ def export_litert(model, path, *, quantize=None, representative=None, sample=Non
             max_diff = float(np.max(np.abs(predicted - _main_prediction(model, sample))))
             _check_diff(max_diff, atol, "LiteRT model", path)
     return max_diff
+
+
+def _export_litert_segment(model, path, overwrite, input_shape, rules, threshold):
+    """The segment graph at the model's static size, converted from a SavedModel (the
+    converter's route that freezes the module's variables)."""
+    import tensorflow as tf
+
+    channels_first = inference.model_data_format(model) == "channels_first"
+    size = tuple(input_shape[2:] if channels_first else input_shape[1:-1])
+    channels = inference.input_channels(model)
+    function = _segment_whole(model, rules, threshold, model)
+    module = tf.Module()
+    module.weights = [getattr(variable, "value", variable) for variable in model.variables]
+    module.segment = tf.function(function, input_signature=[
+        tf.TensorSpec((1,) + size + (channels,), tf.float32, name="images")])
+    with _staged(path, overwrite, "litert") as staging, \
+            tempfile.TemporaryDirectory() as folder:
+        tf.saved_model.save(module, folder,
+                            signatures={"segment": module.segment.get_concrete_function()})
+        with open(staging, "wb") as file:
+            file.write(tf.lite.TFLiteConverter.from_saved_model(folder).convert())
+        runner = litert_interpreter(staging).get_signature_runner("segment")
+        return _check_segment_runs(model, rules, lambda raw: runner(images=raw), [size],
+                                   "LiteRT", path)
 
 
 def litert_interpreter(path, threads=None):
@@ -541,7 +659,10 @@ def export_model(model, path, *, format="savedmodel", quantize=None, representat
     `normalization` (the per-channel rules of `serving.normalization_rules`) the
     SavedModel also gets the end-to-end `segment` signatures (raw images in; sliding
     windows of `patch` above it, `None`: every image whole), checked against
-    `serving.reference_segment` at `SEGMENT_CHECK_SIZES`.
+    `serving.reference_segment` at `segment_sizes`; an ONNX or LiteRT file is then
+    the end-to-end graph instead of the plain model (every image whole; LiteRT at
+    the model's own size), checked the same way; the return value is then the
+    largest difference from `reference_segment`.
     """
     if format not in FORMATS:
         raise ValueError(f"format={format!r} is not supported; expected one of {FORMATS}.")
@@ -561,10 +682,13 @@ def export_model(model, path, *, format="savedmodel", quantize=None, representat
                               overwrite=overwrite, segment=segment)
     if format == "onnx":
         return export_onnx(inference.serving_model(model), path, sample=sample,
-                           overwrite=overwrite)
+                           overwrite=overwrite,
+                           segment=None if normalization is None
+                           else (normalization, threshold, model, patch))
     return export_litert(main_output_model(model), path, quantize=quantize,
                          representative=representative, sample=sample,
-                         overwrite=overwrite)
+                         overwrite=overwrite,
+                         segment=None if normalization is None else (normalization, threshold))
 
 
 def segment_sizes(patch, rank):

@@ -249,12 +249,6 @@ def predict_sliding_window(model, image, patch_size, *, overlap=0.5, blend="gaus
         raise ValueError(f"batch_size={batch_size!r} is not allowed; expected an int >= 1.")
     if not normalized:
         image = data_lib.normalize_channels(image, spatial_axes=tuple(range(rank)))
-    image = image.astype("float32")
-    size = image.shape[:rank]
-    padded = _pad_to_at_least(image, patch)
-    starts = [_window_starts(extent, side, overlap)
-              for extent, side in zip(padded.shape[:rank], patch)]
-    importance = _importance_map(patch, blend)
     runner = _with_free_sizes(model, patch)
     channels_first = model_data_format(model) == "channels_first"
     flips = [()]
@@ -262,10 +256,36 @@ def predict_sliding_window(model, image, patch_size, *, overlap=0.5, blend="gaus
         flips = [axes for count in range(rank + 1)
                  for axes in itertools.combinations(range(1, rank + 1), count)]
 
+    def predict(batch):
+        return np.mean([_predict_flipped(runner, batch, axes, channels_first)
+                        for axes in flips], axis=0)
+
+    return blend_windows(predict, image, patch, overlap=overlap, blend=blend,
+                         batch_size=batch_size)
+
+
+def blend_windows(predict, image, patch, *, overlap=0.5, blend="gaussian", batch_size=4):
+    """Sliding windows over a normalised image with any predictor: the blending of
+    `predict_sliding_window`, for clients of an export that runs windows outside it.
+
+    `predict` maps a float32 batch of windows `(n, *patch, C)` (channels last) to their
+    probabilities `(n, *patch, K)`, e.g. an ONNX Runtime session or a LiteRT
+    interpreter of the model's plain export; `image` is `(*spatial, C)`, already
+    normalised, `patch` a tuple of the window's sides. Returns float32 probabilities
+    of the image's spatial size. The code needs NumPy only: a client may copy it with
+    `_pad_to_at_least`, `_window_starts`, `_importance_map` and `_window_batches`.
+    """
+    image = np.asarray(image, "float32")
+    patch = tuple(int(side) for side in patch)
+    rank = len(patch)
+    size = image.shape[:rank]
+    padded = _pad_to_at_least(image, patch)
+    starts = [_window_starts(extent, side, overlap)
+              for extent, side in zip(padded.shape[:rank], patch)]
+    importance = _importance_map(patch, blend)
     total = weights = None
     for chunk, batch in _window_batches(padded, patch, starts, batch_size):
-        predicted = np.mean([_predict_flipped(runner, batch, axes, channels_first)
-                             for axes in flips], axis=0)
+        predicted = np.asarray(predict(batch), "float32")
         if total is None:
             total = np.zeros(padded.shape[:rank] + predicted.shape[-1:], "float32")
             weights = np.zeros(padded.shape[:rank], "float32")

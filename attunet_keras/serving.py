@@ -193,7 +193,8 @@ def segment_function(model, rules, patch, overlap=0.5, threshold=0.5, runner=Non
         return tf.cast(outputs, tf.float32)
 
     def whole(images, size):
-        target = [(-(-size[axis] // multiple)) * multiple for axis in range(rank)]
+        # the ceiling of positive numbers only: ONNX divides integers towards zero
+        target = [(size[axis] + multiple - 1) // multiple * multiple for axis in range(rank)]
         probabilities = run(pad_reflect_to(images, target))
         return tf.slice(probabilities, [0] * (rank + 2), [-1] + [size[a] for a in range(rank)]
                         + [-1])

@@ -296,3 +296,81 @@ def test_saved_model_cli_runs_segment_on_a_raw_npy_image(demo_export, tmp_path):
     np.testing.assert_allclose(np.load(tmp_path / "plain" / "probabilities.npy")[0],
                                reflect_padded_prediction(model, data.normalize(pixels[0]), 16),
                                atol=1e-5)
+
+
+def test_onnx_and_litert_segment_graphs_take_raw_pixels_and_equal_predict(demo_export,
+                                                                          tmp_path, capsys):
+    """`export --format onnx|litert --segment`: the end-to-end graph (normalisation,
+    padding and mask inside, every image whole) against the library's whole-image
+    prediction on the raw uint16 pixels; a larger image through the plain ONNX export
+    and `inference.blend_windows` (the client code for the windows that stay outside)
+    against `predict --patch`'s sliding windows."""
+    onnxruntime = pytest.importorskip("onnxruntime")
+    run, _ = demo_export
+    model = inference.fully_convolutional(inference.load_model(run / "best.keras"))
+    raw = _raw_demo_image()
+
+    assert cli.main(["export", "--run", str(run), "--format", "onnx", "--segment",
+                     "--output", str(tmp_path / "segment.onnx")]) == 0
+    out = capsys.readouterr().out
+    assert "ONNX model of the segment graph" in out
+    assert "sliding windows stay outside the onnx graph" in out
+    session = onnxruntime.InferenceSession(str(tmp_path / "segment.onnx"),
+                                           providers=["CPUExecutionProvider"])
+    assert [i.name for i in session.get_inputs()] == ["images"]
+    names = [o.name for o in session.get_outputs()]
+    assert sorted(names) == ["mask", "probabilities"]
+    for name in ("97x131", "192x64", "1x1", "1x69"):
+        pixels = np.ascontiguousarray(raw[SEGMENT_CROPS[name]])
+        outputs = dict(zip(names, session.run(
+            None, {"images": pixels[None, ..., None].astype("float32")})))
+        expected = inference.predict_image(model, pixels)  # whole: no patch
+        np.testing.assert_allclose(outputs["probabilities"][0], expected, atol=1e-4,
+                                   err_msg=name)
+        ties = np.abs(expected - 0.5) < 1e-4
+        assert outputs["mask"].dtype == np.uint8
+        np.testing.assert_array_equal(outputs["mask"][0][~ties], (expected > 0.5)[~ties])
+
+    assert cli.main(["export", "--run", str(run), "--format", "litert", "--segment",
+                     "--output", str(tmp_path / "segment.tflite")]) == 0
+    assert "sliding windows stay outside the litert graph" in capsys.readouterr().out
+    runner = export.litert_interpreter(tmp_path / "segment.tflite").get_signature_runner(
+        "segment")
+    pixels = np.ascontiguousarray(raw[SEGMENT_CROPS["64x64"]])  # the model's own size
+    outputs = runner(images=pixels[None, ..., None].astype("float32"))
+    np.testing.assert_allclose(outputs["probabilities"][0], inference.predict_image(
+        model, pixels), atol=1e-4)
+
+    # larger than the patch: the client normalises and runs the windows itself
+    assert cli.main(["export", "--run", str(run), "--format", "onnx",
+                     "--output", str(tmp_path / "plain.onnx")]) == 0
+    plain = onnxruntime.InferenceSession(str(tmp_path / "plain.onnx"),
+                                         providers=["CPUExecutionProvider"])
+    from attunet_keras.data import planning
+
+    pixels = np.ascontiguousarray(raw[SEGMENT_CROPS["192x64"]])
+    normalized = planning.normalize_case(pixels[..., None].astype("float32"),
+                                         [{"scheme": "percentile"}])
+    by_client = inference.blend_windows(
+        lambda batch: plain.run(None, {plain.get_inputs()[0].name: batch})[0],
+        normalized, (64, 64))
+    np.testing.assert_allclose(by_client, inference.predict_image(model, pixels,
+                                                                  patch_size=64), atol=1e-4)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--format", "onnx", "--segment", "--no-segment"], "contradict each other"),
+    (["--format", "litert", "--segment", "--quantize", "int8"],
+     "an int8 LiteRT model takes normalised images"),
+    (["--format", "litert", "--segment", "--patch", "32"], "leave out --patch"),
+    (["--format", "onnx", "--patch", "32"], "with --segment, the onnx and litert graph"),
+], ids=["both", "int8", "litert_patch", "onnx_patch_without_segment"])
+def test_bad_segment_flags_are_refused_before_anything_is_written(demo_export, tmp_path,
+                                                                  flags, message, capsys):
+    run, _ = demo_export
+    output = tmp_path / ("m.tflite" if "litert" in flags else "m.onnx")
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["export", "--run", str(run), "--output", str(output), *flags])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+    assert os.listdir(tmp_path) == []
