@@ -206,26 +206,43 @@ def segment_function(model, rules, patch, overlap=0.5, threshold=0.5, runner=Non
         grids = tf.meshgrid(*starts, indexing="ij")
         corners = tf.stack([tf.reshape(grid, [-1]) for grid in grids], axis=1)
         batch = tf.shape(padded)[0]
-        total = tf.zeros(tf.concat([[batch], extents, [n_label]], 0), tf.float32)
+        # Windows four at a time (as predict_sliding_window's batch_size), gathered and
+        # summed with the *_nd ops, which touch a window's pixels only (adding each window
+        # padded to the image's size cost the image's size per window: 3.6x slower than
+        # predict at 4096x4096). Spatial axes first, so that indices name pixels and
+        # every image of the batch is read and summed at once.
+        per_step = 4
+        spatial_first = list(range(1, rank + 1)) + [0, rank + 1]
+        source = tf.transpose(padded, spatial_first)  # (*extents, batch, C)
+        total = tf.zeros(tf.concat([extents, [batch, n_label]], 0), tf.float32)
         weights = tf.zeros(extents, tf.float32)
+        offsets = tf.stack(tf.meshgrid(*[tf.range(side) for side in patch], indexing="ij"),
+                           axis=-1)
+        count = tf.shape(corners)[0]
 
         def body(index, total, weights):
-            corner = corners[index]
-            window = tf.slice(padded, tf.concat([[0], corner, [0]], 0),
-                              [-1] + list(patch) + [-1])
-            predicted = run(window) * importance[None, ..., None]
-            after = extents - corner - patch
-            paddings = tf.stack([corner, after], axis=1)
-            total += tf.pad(predicted, tf.concat([[[0, 0]], paddings, [[0, 0]]], 0))
-            weights += tf.pad(importance, paddings)
-            return index + 1, total, weights
+            chunk = corners[index:tf.minimum(index + per_step, count)]
+            where = offsets[None] + tf.reshape(chunk, [-1] + [1] * rank + [rank])
+            windows = tf.gather_nd(source, where)  # (n, *patch, batch, C)
+            n = tf.shape(chunk)[0]
+            flat = tf.reshape(tf.transpose(windows, [0, rank + 1] + list(range(1, rank + 1))
+                                           + [rank + 2]),
+                              tf.concat([[n * batch], patch, [-1]], 0))
+            predicted = run(flat) * importance[None, ..., None]  # (n * batch, *patch, K)
+            predicted = tf.reshape(predicted, tf.concat([[n, batch], patch, [n_label]], 0))
+            predicted = tf.transpose(predicted, [0] + list(range(2, rank + 2)) + [1, rank + 2])
+            total = tf.tensor_scatter_nd_add(total, where, predicted)
+            weights = tf.tensor_scatter_nd_add(
+                weights, where, tf.tile(importance[None], [n] + [1] * rank))
+            return index + per_step, total, weights
 
         _, total, weights = tf.while_loop(
-            lambda index, *_: index < tf.shape(corners)[0], body,
+            lambda index, *_: index < count, body,
             [tf.constant(0), total, weights],
             shape_invariants=[tf.TensorShape([]), tf.TensorShape([None] * (rank + 2)),
                               tf.TensorShape([None] * rank)])
-        probabilities = total / weights[None, ..., None]
+        probabilities = tf.transpose(total / weights[..., None, None],
+                                     [rank] + list(range(rank)) + [rank + 1])
         return tf.slice(probabilities, [0] * (rank + 2),
                         [-1] + [size[a] for a in range(rank)] + [-1])
 

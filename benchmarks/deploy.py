@@ -13,11 +13,27 @@ the run's dataset measures, in one process:
 Writes JSON and prints a Markdown table.
 
     .venv/bin/python benchmarks/deploy.py --run build/demo/nuclei --output build/deploy.json
+
+`--end-to-end` measures instead what a client holding raw files gets: on the nuclei
+image (512x512, uint16 TIFF, as the stardist wheel ships it) and a synthetic
+4096x4096 uint16 TIFF, `attunet-keras predict FILE --run RUN --patch PATCH` (in
+process, `cli.main`: reading, normalising, sliding windows above the patch, writing
+the mask PNG) against the SavedModel's `segment_uint16` signature (reading the TIFF,
+the signature, writing its mask PNG). Each path runs in its own process, so that
+its peak resident memory (`ru_maxrss`) is its own; a process first traces on the
+512x512 image, then times it `--repeats` times (the best is kept), then the 4096x4096
+image once.
+
+    .venv/bin/python benchmarks/deploy.py --run build/demo/nuclei --end-to-end \
+        --output build/deploy_end_to_end.json
 """
 
 import argparse
 import json
 import os
+import resource
+import subprocess
+import sys
 import tempfile
 import time
 
@@ -50,7 +66,16 @@ def main(argv=None):
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--output", default="build/deploy.json")
+    parser.add_argument("--end-to-end", action="store_true",
+                        help="raw files in, masks out: segment against predict")
+    parser.add_argument("--patch", type=int, default=None,
+                        help="--end-to-end: the sliding-window patch (default: the run's)")
+    parser.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.child:
+        return _child(*args.child, repeats=args.repeats)
+    if args.end_to_end:
+        return end_to_end(args)
 
     import onnxruntime
     import tensorflow as tf
@@ -132,6 +157,105 @@ def main(argv=None):
     for name, result in report["paths"].items():
         print(f"| {name} | {result['dice']:.4f} | {result['dice_change']:+.4f} | "
               f"{result['images_per_s']:.1f} | {result['speedup_vs_keras']:.2f}x |")
+    return 0
+
+
+def _rss_gb():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # kB on Linux
+
+
+def _child(path, run, target, files, repeats):
+    """One path (`predict` or `segment`) on each of `files` (comma-separated): prints
+    JSON with the seconds per image and the peak resident memory after each."""
+    import tifffile
+    from PIL import Image
+
+    files = files.split(",")
+    patch = json.loads(target)["patch"]
+    output = tempfile.mkdtemp(prefix="attunet_e2e_")
+    if path == "predict":
+        from attunet_keras import cli
+
+        def once(file):
+            assert cli.main(["predict", file, "--run", run, "--output", output,
+                             "--patch", str(patch), "--overwrite"]) == 0
+    else:
+        import tensorflow as tf
+
+        signature = tf.saved_model.load(json.loads(target)["saved"]).signatures[
+            "segment_uint16"]
+
+        def once(file):
+            pixels = tifffile.imread(file)
+            mask = signature(images=tf.constant(pixels[None, ..., None]))["mask"]
+            Image.fromarray(mask.numpy()[0, ..., 0] * 255).save(
+                os.path.join(output, os.path.basename(file) + "_mask.png"))
+    report = {"loaded_rss_gb": _rss_gb(), "images": {}}
+    for index, file in enumerate(files):
+        times = []
+        for _ in range(repeats + 1 if index == 0 else 1):  # the first traces
+            start = time.perf_counter()
+            once(file)
+            times.append(time.perf_counter() - start)
+        best = min(times[1:] or times)
+        report["images"][os.path.basename(file)] = {
+            "seconds": best, "megapixels_per_s": _megapixels(file) / best,
+            "peak_rss_gb": _rss_gb()}
+    print("RESULT " + json.dumps(report), flush=True)
+    return 0
+
+
+def _megapixels(file):
+    import tifffile
+
+    with tifffile.TiffFile(file) as tiff:
+        return float(np.prod(tiff.pages[0].shape[:2])) / 1e6
+
+
+def end_to_end(args):
+    import tifffile
+
+    from attunet_keras import cli
+    from attunet_keras import data
+    from attunet_keras import training
+
+    config = training.read_config(args.run)
+    patch = args.patch or config.tile or data.DEFAULT_TILE[2]
+    folder = tempfile.mkdtemp(prefix="attunet_deploy_e2e_")
+    nuclei = data.package_file("stardist", os.path.join("data", "images", "img2d.tif"))
+    big = os.path.join(folder, "synthetic_4096.tif")
+    # blobs on a ramp, uint16: a large raw image in the range of the nuclei
+    rng = np.random.default_rng(0)
+    small = rng.random((64, 64))
+    field = np.kron(small, np.ones((64, 64)))
+    tifffile.imwrite(big, (field * 200 + np.linspace(0, 35, 4096)[None]).astype("uint16"))
+    saved = os.path.join(folder, "saved")
+    assert cli.main(["export", "--run", args.run, "--output", saved,
+                     "--patch", str(patch)]) == 0
+    target = json.dumps({"patch": patch, "saved": os.path.join(saved, "1")})
+    report = {"machine": machine(), "run": os.path.abspath(args.run), "patch": patch,
+              "repeats": args.repeats, "paths": {}}
+    for path in ("predict", "segment"):
+        child = subprocess.run(
+            [sys.executable, os.path.abspath(__file__), "--run", args.run, "--repeats",
+             str(args.repeats), "--child", path, args.run, target, f"{nuclei},{big}"],
+            capture_output=True, text=True, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"))
+        lines = [line for line in child.stdout.splitlines() if line.startswith("RESULT ")]
+        if child.returncode != 0 or not lines:
+            raise SystemExit(f"{path} failed:\n{child.stdout[-2000:]}{child.stderr[-3000:]}")
+        report["paths"][path] = json.loads(lines[-1][len("RESULT "):])
+        print(path, report["paths"][path], flush=True)
+    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
+    with open(args.output, "w") as file:
+        json.dump(report, file, indent=2)
+    print()
+    print("| image | path | seconds | megapixels/s | peak memory (GB) | after loading (GB) |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for name in ("img2d.tif", "synthetic_4096.tif"):
+        for path, result in report["paths"].items():
+            row = result["images"][name]
+            print(f"| {name} | {path} | {row['seconds']:.2f} | {row['megapixels_per_s']:.3f} | "
+                  f"{row['peak_rss_gb']:.2f} | {result['loaded_rss_gb']:.2f} |")
     return 0
 
 

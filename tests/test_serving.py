@@ -374,3 +374,22 @@ def test_bad_segment_flags_are_refused_before_anything_is_written(demo_export, t
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
     assert os.listdir(tmp_path) == []
+
+
+def test_a_volume_model_s_segment_runs_windows_and_equals_the_library(tmp_path):
+    """3D: normalisation and Gaussian-blended windows in the graph, against
+    `predict_sliding_window` on the volume normalised by the library (issue item 4)."""
+    from attunet_keras.data import planning
+
+    model = models.att_unet_3d(None, None, None, 1, depth=2, features=4,
+                               data_format="channels_first")
+    rules = [{"scheme": "ct", "clip": [-200.0, 300.0], "mean": 40.0, "std": 90.0}]
+    export.export_model(model, tmp_path / "saved", normalization=rules, patch=(16, 16, 16))
+    served = tf.saved_model.load(str(tmp_path / "saved" / "1"))
+    raw = np.random.default_rng(2).normal(0, 300, (1, 40, 16, 21, 1)).astype("int16")
+    out = served.signatures["segment_int16"](images=tf.constant(raw))
+    expected = inference.predict_sliding_window(
+        model, planning.normalize_case(raw[0].astype("float32"), rules), 16, normalized=True)
+    assert out["probabilities"].shape == (1, 40, 16, 21, 1)
+    np.testing.assert_allclose(out["probabilities"].numpy()[0], expected, atol=1e-4)
+    np.testing.assert_array_equal(out["mask"].numpy()[0], (expected > 0.5).astype("uint8"))
