@@ -190,7 +190,7 @@ def _child(path, run, target, files, repeats):
             mask = signature(images=tf.constant(pixels[None, ..., None]))["mask"]
             Image.fromarray(mask.numpy()[0, ..., 0] * 255).save(
                 os.path.join(output, os.path.basename(file) + "_mask.png"))
-    report = {"loaded_rss_gb": _rss_gb(), "images": {}}
+    report = {"loaded_rss_gb": _rss_gb(), "images": {}}  # imports (and SavedModel) only
     for index, file in enumerate(files):
         times = []
         for _ in range(repeats + 1 if index == 0 else 1):  # the first traces
@@ -249,7 +249,7 @@ def end_to_end(args):
     with open(args.output, "w") as file:
         json.dump(report, file, indent=2)
     print()
-    print("| image | path | seconds | megapixels/s | peak memory (GB) | after loading (GB) |")
+    print("| image | path | seconds | megapixels/s | peak memory (GB) | before the first image (GB) |")
     print("| --- | --- | --- | --- | --- | --- |")
     for name in ("img2d.tif", "synthetic_4096.tif"):
         for path, result in report["paths"].items():
