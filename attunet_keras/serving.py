@@ -13,7 +13,8 @@ the graph, what `attunet-keras predict --patch PATCH` does in NumPy for a run:
    windows of the patch at `overlap` (the last flush with the border), each window's
    probabilities weighted by the same Gaussian importance map as
    `inference.predict_sliding_window` (sigma patch / 8, floor 1e-3) and summed in a
-   `tf.while_loop`, so memory follows one window, not the image;
+   `tf.while_loop`, four windows per model call (as predict), so memory follows the
+   windows, not the image;
 4. the mask: threshold 0.5 of one channel, or the argmax of several (uint8; uint16
    above 256 classes).
 
