@@ -326,9 +326,28 @@ CELLS = {"ceilings": cell_ceilings, "train_infer": cell_train_infer,
          "sliding_window": cell_sliding_window}
 
 
+def _backend_facts():
+    """What only the backend itself can say: JAX's devices, PyTorch's CUDA and cuDNN."""
+    import keras
+
+    if keras.backend.backend() == "jax":
+        import jax
+
+        return {"jax_devices": [str(device) for device in jax.devices()]}
+    import torch
+
+    available = torch.cuda.is_available()
+    return {"cuda": torch.version.cuda,
+            "cudnn": torch.backends.cudnn.version() if available else None,
+            "torch_device": torch.cuda.get_device_name(0) if available else "cpu"}
+
+
 def worker(cells_json, output):
     """Runs the cells in this process's backend, rewriting `output` after each."""
     signal.signal(signal.SIGALRM, _on_alarm)
+    report = _read(output)
+    report["machine"].update(_backend_facts())
+    _write(output, report)
     for cell in json.loads(cells_json):
         start = time.perf_counter()
         signal.alarm(int(cell["cap"]))
@@ -371,7 +390,8 @@ def _version(name):
 
 
 def machine():
-    """The device, driver and library versions, read without importing a backend."""
+    """The device, driver and library versions, read without importing a backend (each
+    backend's process adds what it knows: `_backend_facts`)."""
     found = {"python": sys.version.split()[0], "cpu_cores": os.cpu_count()}
     for name in ("keras", "jax", "jaxlib", "jax-cuda12-plugin", "torch", "numpy"):
         found[name] = _version(name)
@@ -382,16 +402,6 @@ def machine():
         found["gpus"] = [line.strip() for line in query.stdout.splitlines() if line.strip()]
     except (OSError, subprocess.TimeoutExpired):
         found["gpus"] = []
-    probe = ("import torch, json; print(json.dumps({'cuda': torch.version.cuda, "
-             "'cudnn': torch.backends.cudnn.version() if torch.cuda.is_available() "
-             "else None, 'torch_device': torch.cuda.get_device_name(0) "
-             "if torch.cuda.is_available() else 'cpu'}))")
-    try:
-        found.update(json.loads(subprocess.run(
-            [sys.executable, "-c", probe], capture_output=True, text=True,
-            timeout=120).stdout.strip().splitlines()[-1]))
-    except (IndexError, ValueError, subprocess.TimeoutExpired):
-        found["cuda"] = None
     return found
 
 

@@ -59,6 +59,7 @@ def test_the_quick_run_measures_every_cell_without_tensorflow(tmp_path):
         assert cell["ok"], (name, cell)
         assert cell["tensorflow_imported"] is False
     assert report["machine"]["keras"] and report["machine"]["jax"]
+    assert report["machine"]["torch_device"] and report["machine"]["jax_devices"]
 
     ceilings = report["cells"]["ceilings"]
     assert ceilings["matmul_float32_tflops"] > 0 and ceilings["copy_gb_per_s"] > 0
