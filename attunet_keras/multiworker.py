@@ -221,10 +221,9 @@ def _run(config, output, resuming, dataset, strategy, global_batch, steps, chief
 
     keras.utils.set_random_seed(config.seed)
     with strategy.scope():
+        # compiled with the optimizer's variables built: they cannot be created
+        # inside the traced, replicated step
         model = training.build_model(config, dataset, jit_compile=False)
-        # Create the optimizer's variables now: they cannot be created inside the
-        # traced, replicated step.
-        model.optimizer.build(model.trainable_variables)
     outputs = len(model.outputs)
     backup_dir = os.path.join(output, run_folder.BACKUP_DIR)
     resumed_epoch = run_folder.restore_backup(model, backup_dir) if resuming else 0
