@@ -219,9 +219,6 @@ def _segment_settings(args, model):
             raise ValueError(f"--segment with --format {args.format}: a 3D model's segment "
                              "runs sliding windows, which this format cannot hold; export "
                              "--format savedmodel.")
-        if args.quantize:
-            raise ValueError("--segment with --quantize int8: an int8 LiteRT model takes "
-                             "normalised images; leave out one of them.")
         if args.patch is not None and args.format == "litert":
             raise ValueError("--patch with --format litert: the LiteRT graph takes one image "
                              "of the model's own size; leave out --patch.")

@@ -452,9 +452,10 @@ def _segment_whole(model, rules, threshold, runner):
     return serving.segment_function(model, rules, None, threshold=threshold, runner=runner)
 
 
-def _check_segment_runs(model, rules, run, sizes, what, path):
+def _check_segment_runs(model, rules, run, sizes, what, path, patch=None, overlap=0.5):
     """`run(raw)` -> `{"probabilities", "mask"}` against `serving.reference_segment`
-    (every image whole) on random raw images of each size."""
+    (sliding windows of `patch` above it, None: every image whole) on random raw
+    images of each size: the largest difference, refused above 1e-4."""
     from attunet_keras import serving
 
     channels = inference.input_channels(model)
@@ -463,7 +464,7 @@ def _check_segment_runs(model, rules, run, sizes, what, path):
     for size in sizes:
         raw = (rng.random((1,) + tuple(size) + (channels,)) * 1000).astype("float32")
         served = run(raw)
-        expected = serving.reference_segment(model, raw[0], rules, None)
+        expected = serving.reference_segment(model, raw[0], rules, patch, overlap)
         probabilities = np.asarray(served["probabilities"])[0]
         if probabilities.shape != expected.shape:
             raise AssertionError(
@@ -568,9 +569,9 @@ def export_litert(model, path, *, quantize=None, representative=None, sample=Non
         )
     if segment is not None:
         if quantize is not None:
-            raise ValueError("an int8 LiteRT export takes normalised images: leave out "
-                             "--segment (or --quantize).")
-        return _export_litert_segment(model, path, overwrite, input_shape, *segment)
+            raise ValueError("--segment with --quantize int8: an int8 LiteRT model takes "
+                             "normalised images; leave out one of them.")
+        return _export_litert_segment(model, path, overwrite, *segment)
     options = {}
     if quantize == "int8":
         images = np.asarray(representative, dtype="float32")
@@ -594,13 +595,12 @@ def export_litert(model, path, *, quantize=None, representative=None, sample=Non
     return max_diff
 
 
-def _export_litert_segment(model, path, overwrite, input_shape, rules, threshold):
+def _export_litert_segment(model, path, overwrite, rules, threshold):
     """The segment graph at the model's static size, converted from a SavedModel (the
     converter's route that freezes the module's variables)."""
     import tensorflow as tf
 
-    channels_first = inference.model_data_format(model) == "channels_first"
-    size = tuple(input_shape[2:] if channels_first else input_shape[1:-1])
+    size = inference.own_size(model)
     channels = inference.input_channels(model)
     function = _segment_whole(model, rules, threshold, model)
     module = tf.Module()
@@ -712,24 +712,15 @@ def segment_signatures(model, normalization, patch=None, threshold=0.5, overlap=
     rank = 3 if inference.is_volume_model(model) else 2
     function = serving.segment_function(model, normalization, patch, overlap, threshold,
                                         runner=runner)
-    channels = inference.input_channels(model)
 
     def check(reloaded):
         import tensorflow as tf
 
-        rng = np.random.default_rng(0)
-        for size in segment_sizes(patch, rank):
-            raw = (rng.random((1,) + tuple(size) + (channels,)) * 1000).astype("float32")
-            served = reloaded.signatures["segment"](images=tf.constant(raw))
-            expected = serving.reference_segment(model, raw[0], normalization, patch,
-                                                 overlap)
-            difference = float(np.max(np.abs(served["probabilities"].numpy()[0]
-                                              - expected)))
-            if not difference <= 1e-4:
-                raise AssertionError(
-                    f"the segment signature differs from attunet-keras predict by "
-                    f"{difference:.3g} on a {'x'.join(map(str, size))} image (more than "
-                    "1e-4); nothing written.")
+        signature = reloaded.signatures["segment"]
+        _check_segment_runs(model, normalization,
+                            lambda raw: signature(images=tf.constant(raw)),
+                            segment_sizes(patch, rank), "SavedModel", "the target",
+                            patch, overlap)
     return function, check
 
 

@@ -417,8 +417,7 @@ def table(report):
         elif "library" in cell:
             lib, plain = cell["library"], cell["plain"]
             dtype = COMPUTE_DTYPES[cell["settings"]["precision"]]
-            ceiling = ceilings.get(f"matmul_{'bfloat16' if dtype == 'bfloat16' else 'float32'}"
-                                   "_tflops") if dtype != "float16" else None
+            ceiling = ceilings.get(f"matmul_{dtype}_tflops")  # none measured for float16
             share = (f"{lib['train_conv_tflops'] / ceiling:.0%} train"
                      if ceiling else "")
             lines.append(
