@@ -13,6 +13,12 @@ DEMO_DIR := build/demo
 # Wheels read for their data files only (never imported): no dependencies needed.
 DATA_WHEELS := stardist==0.9.2 nilearn==0.14.1
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+# A download cut off mid-way (TensorFlow's wheel is 570 MB) once failed a fresh install:
+# pip resumes an interrupted download up to 20 times, and each step is tried 3 times.
+PIP := $(BIN)/python -m pip install -q --resume-retries 20
+retry = for attempt in 1 2 3; do $(1) && break; \
+  if [ $$attempt = 3 ]; then exit 1; fi; \
+  echo "pip failed (attempt $$attempt of 3); trying again in 15 s"; sleep 15; done
 
 .PHONY: install graphviz chromium demo test clean
 
@@ -23,9 +29,9 @@ $(STAMP): setup.cfg pyproject.toml Makefile
 	  echo "python venv is missing; installing python3-venv with apt-get"; \
 	  $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q python3-venv && \
 	  rm -rf $(VENV) && $(PYTHON) -m venv $(VENV); }
-	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e ".[dev]"
-	$(BIN)/python -m pip install -q --no-deps $(DATA_WHEELS)
+	$(call retry,$(BIN)/python -m pip install -q --upgrade pip)
+	$(call retry,$(PIP) -e ".[dev]")
+	$(call retry,$(PIP) --no-deps $(DATA_WHEELS))
 	touch $(STAMP)
 
 graphviz:
